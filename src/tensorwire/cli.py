@@ -1,0 +1,235 @@
+"""The ``tensorwire`` command line: one thin function per subcommand.
+
+Exit codes: 0 success, 1 the input is bad or a check failed (a tensorwire error, printed
+as one line), 2 wrong usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import TensorwireError
+
+__all__ = ["main"]
+
+EPILOG = """\
+examples:
+  tensorwire compress model.safetensors            # writes model.twz
+  tensorwire compress ./Llama-checkpoint/          # writes ./Llama-checkpoint-twz/
+  tensorwire decompress model.twz out.safetensors  # byte-identical to the original
+  tensorwire inspect model.twz                     # header and per-tensor ratios, no decoding
+  tensorwire verify model.twz                      # checksums + full decode
+  tensorwire bench weights --json bench.json       # side-by-side with zstd, lz4, ZipNN, blosc
+  tensorwire demo                                  # compress, verify and load a real model
+"""
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        from .codec.cpu import set_threads
+
+        set_threads(n)
+
+
+@contextmanager
+def _progress(total: int, label: str, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[bold]" + label, BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _input_bytes(path: Path, suffix: str) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.suffix == suffix)
+    return path.stat().st_size
+
+
+def _refuse_overwrite(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise SystemExit(f"tensorwire: {target} exists; pass --force to overwrite it")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .integrations.safetensors import compress_path
+
+    src = Path(args.input)
+    target = Path(args.output) if args.output else (src.with_name(src.name + "-twz") if src.is_dir() else src.with_suffix(".twz"))
+    _refuse_overwrite(target, args.force)
+    _threads(args.threads)
+    size = _input_bytes(src, ".safetensors")
+    start = time.perf_counter()
+    with _progress(size, "compress", args.quiet) as advance:
+        compress_path(src, target, level=args.level, chunk_bytes=args.chunk_mib << 20, progress=advance)
+    seconds = time.perf_counter() - start
+    out_size = _input_bytes(target, ".twz")
+    print(f"{src} -> {target}: {size:,} -> {out_size:,} bytes, ratio {size / max(out_size, 1):.4f}, "
+          f"{size / seconds / 1e9:.2f} GB/s")  # fmt: skip
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    from .integrations.safetensors import decompress_path
+
+    src = Path(args.input)
+    if args.output:
+        target = Path(args.output)
+    elif src.is_dir():
+        target = src.with_name(src.name.removesuffix("-twz") + "-restored")
+    else:
+        target = src.with_suffix(".safetensors")
+    _refuse_overwrite(target, args.force)
+    _threads(args.threads)
+    start = time.perf_counter()
+    with _progress(_input_bytes(src, ".twz"), "decompress", args.quiet) as advance:
+        decompress_path(src, target, progress=advance)
+    size = _input_bytes(target, ".safetensors")
+    print(f"{src} -> {target}: {size:,} bytes, {size / (time.perf_counter() - start) / 1e9:.2f} GB/s")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .container.inspect import describe
+
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{info['path']}[/]: {info['file_bytes']:,} bytes holding {info['original_bytes']:,} "
+                  f"(ratio {info['ratio']:.4f}), {len(info['tensors'])} tensors {info['dtypes']}, source: {info['source']}")  # fmt: skip
+    if info["metadata"]:
+        console.print(f"metadata: {info['metadata']}")
+    table = Table("tensor", "dtype", "shape", "bytes", "stored", "ratio", "chunks")
+    rows = info["tensors"] if args.all else info["tensors"][: args.limit]
+    for t in rows:
+        modes = ", ".join(f"{k}:{v}" for k, v in t["modes"].items())
+        table.add_row(t["name"], t["dtype"], "x".join(map(str, t["shape"])), f"{t['bytes']:,}", f"{t['stored']:,}", f"{t['ratio']:.3f}", modes)
+    console.print(table)
+    if len(rows) < len(info["tensors"]):
+        console.print(f"... {len(info['tensors']) - len(rows)} more (--all to list them)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .integrations.verify import verify_file
+
+    _threads(args.threads)
+    report = verify_file(args.file, against=args.against)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarking import weights
+
+    _threads(None)
+    result = weights.run(
+        [args.file] if args.file else None,
+        threads=tuple(args.threads_list),
+        repeats=args.repeats,
+        json_path=args.json,
+        png_path=args.png,
+    )
+    print(weights.format_table(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _threads(args.threads)
+    return run_demo(Path(args.workdir), level=args.level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorwire",
+        description="Lossless compression of model weights (ENEC method): .safetensors <-> .twz.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"tensorwire {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for the codec (default: all cores)")
+
+    p = sub.add_parser("compress", help="compress a .safetensors file or a model folder")
+    p.add_argument("input", help="X.safetensors, or a folder of shards (+ index json)")
+    p.add_argument("output", nargs="?", help="default: X.twz, or FOLDER-twz/ beside the folder")
+    p.add_argument("--level", choices=("fast", "max"), default="fast",
+                   help="fast: fixed-width block codes (fastest); max: Huffman exponents (best ratio)")  # fmt: skip
+    p.add_argument("--chunk-mib", type=int, default=4, help="MiB of original data per chunk (default 4)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("decompress", help="restore the .safetensors file (byte-identical) or folder")
+    p.add_argument("input", help="X.twz or a FOLDER-twz/")
+    p.add_argument("output", nargs="?", help="default: X.safetensors, or FOLDER-restored/")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_decompress)
+
+    p = sub.add_parser("inspect", help="show the header and per-tensor ratios without decoding")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--all", action="store_true", help="list every tensor")
+    p.add_argument("--limit", type=int, default=20, help="tensors to list without --all (default 20)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every checksum and decode every tensor")
+    p.add_argument("file")
+    p.add_argument("--against", help="a .safetensors file that must hold the same tensors, bit for bit")
+    common(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bench", help="benchmarks side by side with peers")
+    bench = p.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    b = bench.add_parser("weights", help="ratio and throughput vs zstd, lz4, ZipNN, blosc, entropy bound")
+    b.add_argument("file", nargs="?", help="a .safetensors file (default: the real MiniLM weights)")
+    b.add_argument("--json", help="write every repeat to this JSON file")
+    b.add_argument("--png", help="write ratio-vs-throughput plot here")
+    b.add_argument("--repeats", type=int, default=7)
+    b.add_argument("--threads", dest="threads_list", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
+    b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="compress, verify and load a real model (the README's main job)")
+    p.add_argument("--workdir", default="out/demo", help="where to write the files (default out/demo)")
+    p.add_argument("--level", choices=("fast", "max"), default="fast")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TensorwireError as exc:
+        print(f"tensorwire: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"tensorwire: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

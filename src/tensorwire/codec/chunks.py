@@ -1,0 +1,101 @@
+"""One chunk of one tensor: pick the stream mode on encode, check and dispatch on decode.
+
+A chunk stream starts with its mode byte (docs/FORMAT.md, "Chunk streams"):
+
+* mode 0, stored: the bytes unchanged (other dtypes, or data that did not compress);
+* mode 1, lanes: the fast ENEC stream of ``blocks.py``;
+* mode 2, huffman: the high-ratio stream of ``entropy.py``.
+
+``impl="cpu"`` runs the numba kernels, ``impl="reference"`` the numpy reference; both
+read and write the same bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from ..errors import CorruptData, FormatError
+from . import blocks
+from .planes import DTYPE_ITEMSIZE, layout_for
+
+__all__ = ["LEVELS", "encode_chunk", "decode_chunk", "Impl", "Level"]
+
+Level = Literal["fast", "max"]
+Impl = Literal["cpu", "reference"]
+LEVELS: tuple[str, ...] = ("fast", "max")
+
+
+def _check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
+
+
+def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl = "cpu") -> np.ndarray:
+    """Encode the values of one chunk (any array whose bytes are the little-endian values).
+
+    Returns the chunk stream as a uint8 array. Falls back to stored mode when the codec
+    would not make the chunk smaller.
+    """
+    _check_level(level)
+    layout = layout_for(dtype)
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if layout is None or raw.size == 0:
+        return np.frombuffer(blocks.encode_raw(raw), dtype=np.uint8)
+    values = raw.view(layout.uint)
+    if level == "max":
+        from . import entropy
+
+        encoded = entropy.encode_huffman(values, layout, impl=impl)
+    elif impl == "cpu":
+        from . import cpu
+
+        encoded = cpu.encode_lanes(values, layout)
+    else:
+        encoded = np.frombuffer(blocks.encode_lanes(values, layout), dtype=np.uint8)
+    if encoded.size >= raw.size + blocks.RAW_HEADER.size:
+        return np.frombuffer(blocks.encode_raw(raw), dtype=np.uint8)
+    return encoded
+
+
+def decode_chunk(buf: np.ndarray, dtype: str, n: int, out: np.ndarray | None = None, impl: Impl = "cpu") -> np.ndarray:
+    """Decode one chunk stream of ``n`` values into ``out`` (a uint8 array of ``n*itemsize``).
+
+    Every header field is checked before a kernel runs; bad input raises a
+    :class:`~tensorwire.errors.FormatError` subclass. Returns ``out``.
+    """
+    itemsize = DTYPE_ITEMSIZE.get(dtype)
+    if itemsize is None:
+        layout_for(dtype)  # raises UnsupportedDType with the list of known dtypes
+    if out is None:
+        out = np.empty(n * itemsize, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.size != n * itemsize:
+        raise ValueError(f"out must be a uint8 array of {n * itemsize} bytes, got {out.dtype} of {out.size}")
+    buf = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    mode = blocks.chunk_mode(buf)
+    layout = layout_for(dtype)
+    if mode == blocks.MODE_RAW:
+        out[:] = blocks.decode_raw(buf, itemsize, n)
+        return out
+    if layout is None:
+        raise CorruptData(f"a chunk of dtype {dtype} must be stored (mode 0), found mode {mode}; the file is corrupt")
+    values = out.view(layout.uint)
+    if mode == blocks.MODE_LANES:
+        plan = blocks.parse_lanes(buf, layout, n)
+        if impl == "cpu":
+            from . import cpu
+
+            cpu.decode_lanes(buf, plan, layout, values)
+        else:
+            values[:] = blocks.decode_lanes(buf, layout, n)
+        return out
+    if mode == blocks.MODE_HUFFMAN:
+        from . import entropy
+
+        entropy.decode_huffman(buf, layout, n, values, impl=impl)
+        return out
+    raise FormatError(
+        f"unknown chunk mode {mode}; this build knows modes 0-2. The file may come from a newer "
+        "tensorwire: upgrade, or the file is corrupt"
+    )

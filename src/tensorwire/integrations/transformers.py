@@ -1,0 +1,52 @@
+"""Load a compressed model folder (config + ``*.twz`` shards) into a transformers model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..container import load_file
+from ..errors import FormatError, require
+
+__all__ = ["load_state_dict", "from_pretrained"]
+
+
+def load_state_dict(folder: str | os.PathLike[str], device: str = "cpu") -> dict[str, Any]:
+    """All tensors of every ``*.twz`` shard in ``folder``, decoded to ``device``."""
+    shards = sorted(Path(folder).glob("*.twz"))
+    if not shards:
+        raise FormatError(f"no .twz shards in {folder}; compress the model folder with `tensorwire compress` first")
+    state: dict[str, Any] = {}
+    for shard in shards:
+        state.update(load_file(shard, device=device))
+    return state
+
+
+def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel", device: str = "cpu", **config_kwargs: Any):
+    """Build ``transformers.<auto_class>`` from ``folder``'s config and load its .twz weights.
+
+    Tied weights (e.g. ``lm_head`` sharing the embedding) may be absent from the shards, as
+    in safetensors checkpoints; any other missing or unexpected key is an error.
+
+    Examples
+    --------
+    >>> model = from_pretrained("SmolLM2-twz", "AutoModelForCausalLM")  # doctest: +SKIP
+    """
+    transformers = require("transformers", "hf")
+    config = transformers.AutoConfig.from_pretrained(folder, **config_kwargs)
+    state = load_state_dict(folder)
+    model = getattr(transformers, auto_class).from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    untied = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    # Checkpoints may carry buffers the model now rebuilds itself (e.g. BERT's position_ids),
+    # which transformers' own loader skips as well.
+    buffers = {name for name, _ in model.named_buffers()}
+    unexpected = [k for k in unexpected if k not in buffers]
+    if untied or unexpected:
+        raise FormatError(
+            f"weights in {folder} do not match {type(model).__name__}: missing {untied[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    return model.to(device).eval()

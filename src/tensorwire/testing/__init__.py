@@ -1,0 +1,1 @@
+"""Shipped test helpers: hypothesis strategies and awkward inputs for codecs."""
