@@ -307,10 +307,9 @@ def decode_lanes(buf: np.ndarray, layout: FloatLayout, expected_n: int | None = 
     return merge(exponent[:n], planes, rem[:n], layout)
 
 
-def encode_raw(data: np.ndarray) -> bytes:
-    """Stored mode: the chunk's bytes unchanged, for incompressible data and other dtypes."""
-    raw = np.ascontiguousarray(data).view(np.uint8)
-    n = data.size
+def encode_raw(data: np.ndarray, n: int) -> bytes:
+    """Stored mode: the bytes of ``n`` values unchanged, for incompressible data and other dtypes."""
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     return RAW_HEADER.pack(MODE_RAW, 0, 0, 0, n) + raw.tobytes()
 
 

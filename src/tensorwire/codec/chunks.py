@@ -41,8 +41,9 @@ def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl
     _check_level(level)
     layout = layout_for(dtype)
     raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    if layout is None or raw.size == 0:
-        return np.frombuffer(blocks.encode_raw(raw), dtype=np.uint8)
+    n = raw.size // DTYPE_ITEMSIZE[dtype]
+    if layout is None or n == 0:
+        return np.frombuffer(blocks.encode_raw(raw, n), dtype=np.uint8)
     values = raw.view(layout.uint)
     if level == "max":
         from . import entropy
@@ -55,7 +56,7 @@ def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl
     else:
         encoded = np.frombuffer(blocks.encode_lanes(values, layout), dtype=np.uint8)
     if encoded.size >= raw.size + blocks.RAW_HEADER.size:
-        return np.frombuffer(blocks.encode_raw(raw), dtype=np.uint8)
+        return np.frombuffer(blocks.encode_raw(raw, n), dtype=np.uint8)
     return encoded
 
 

@@ -237,38 +237,6 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
     CLEAR_EXP = UT(~(((1 << exp_bits) - 1) << man_bits) & ((1 << bits) - 1))
     RB = raw_bytes
 
-    @njit(inline="always")
-    def split_block(values, start, count, base, codes, sym_rem, out, planes_at, n):
-        """Exponent codes into ``codes``, rem bits into ``sym_rem``, raw bytes into the planes."""
-        v = values[start : start + count]
-        c = codes[:count]
-        r = sym_rem[:count]
-        for i in range(count):
-            c[i] = U8(((v[i] >> MAN) - base) & EXP_MASK)
-        for i in range(count, BLOCK):
-            codes[i] = 0
-            sym_rem[i] = 0
-        if RB == 0:
-            for i in range(count):
-                raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
-                r[i] = U8(raw) & REM_MASK
-        elif RB == 1:
-            p0 = out[planes_at + start : planes_at + start + count]
-            for i in range(count):
-                raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
-                p0[i] = U8(raw & UT(0xFF))
-                r[i] = U8(raw >> REM_SHIFT) & REM_MASK
-        else:
-            p0 = out[planes_at + start : planes_at + start + count]
-            p1 = out[planes_at + n + start : planes_at + n + start + count]
-            p2 = out[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
-            for i in range(count):
-                raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
-                p0[i] = U8(raw & UT(0xFF))
-                p1[i] = U8((raw >> UT(8)) & UT(0xFF))
-                p2[i] = U8((raw >> UT(16)) & UT(0xFF))
-                r[i] = U8(raw >> REM_SHIFT) & REM_MASK
-
     @njit(parallel=True, nogil=True, cache=True)
     def encode_blocks(values, base, widths, n_exc, scratch, planes_at, out):
         """Pass 1: per block, widths and exceptions; codes and exceptions into ``scratch``."""
@@ -284,7 +252,35 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
             for blk in range(g * GROUP, min(nb, (g + 1) * GROUP)):
                 start = blk * BLOCK
                 count = min(BLOCK, n - start)
-                split_block(values, start, count, b, codes, sym, out, planes_at, n)
+                # Exponent codes into ``codes``, rem bits into ``sym``, raw bytes into the planes.
+                v = values[start : start + count]
+                c = codes[:count]
+                r = sym[:count]
+                for i in range(count):
+                    c[i] = U8(((v[i] >> MAN) - b) & EXP_MASK)
+                for i in range(count, BLOCK):
+                    codes[i] = 0
+                    sym[i] = 0
+                if RB == 0:
+                    for i in range(count):
+                        raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                        r[i] = U8(raw) & REM_MASK
+                elif RB == 1:
+                    p0 = out[planes_at + start : planes_at + start + count]
+                    for i in range(count):
+                        raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                        p0[i] = U8(raw & UT(0xFF))
+                        r[i] = U8(raw >> REM_SHIFT) & REM_MASK
+                else:
+                    p0 = out[planes_at + start : planes_at + start + count]
+                    p1 = out[planes_at + n + start : planes_at + n + start + count]
+                    p2 = out[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+                    for i in range(count):
+                        raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                        p0[i] = U8(raw & UT(0xFF))
+                        p1[i] = U8((raw >> UT(8)) & UT(0xFF))
+                        p2[i] = U8((raw >> UT(16)) & UT(0xFF))
+                        r[i] = U8(raw >> REM_SHIFT) & REM_MASK
                 w, n_e = _choose_width(codes, exp_bits, acc, acc_words)
                 widths[blk] = w
                 n_exc[blk] = n_e
@@ -325,31 +321,6 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                     out[exc_pos_at + e0 : exc_pos_at + e0 + k] = scratch[at : at + k]
                     out[exc_val_at + e0 : exc_val_at + e0 + k] = scratch[at + k : at + 2 * k]
 
-    @njit(inline="always")
-    def merge_block(sym, buf, planes_at, n, start, count, b, o):
-        if RB == 0:
-            for i in range(count):
-                s = sym[i]
-                raw = UT(s & REM_MASK)
-                e = UT(((s >> REM) + b) & U8(EXP_MASK))
-                o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
-        elif RB == 1:
-            p0 = buf[planes_at + start : planes_at + start + count]
-            for i in range(count):
-                s = sym[i]
-                raw = UT(p0[i]) | (UT(s & REM_MASK) << REM_SHIFT)
-                e = UT(((s >> REM) + b) & U8(EXP_MASK))
-                o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
-        else:
-            p0 = buf[planes_at + start : planes_at + start + count]
-            p1 = buf[planes_at + n + start : planes_at + n + start + count]
-            p2 = buf[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
-            for i in range(count):
-                s = sym[i]
-                raw = UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(p2[i]) << UT(16)) | (UT(s & REM_MASK) << REM_SHIFT)
-                e = UT(((s >> REM) + b) & U8(EXP_MASK))
-                o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
-
     @njit(parallel=True, nogil=True, cache=True)
     def decode_blocks(buf, base, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, planes_at, out):
         n = out.size
@@ -362,7 +333,28 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                 count = min(BLOCK, n - start)
                 _unpack(buf, code_offsets[blk], widths[blk] + rem_bits, sym)
                 o = out[start : start + count]
-                merge_block(sym, buf, planes_at, n, start, count, b, o)
+                if RB == 0:
+                    for i in range(count):
+                        s = sym[i]
+                        raw = UT(s & REM_MASK)
+                        e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                        o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
+                elif RB == 1:
+                    p0 = buf[planes_at + start : planes_at + start + count]
+                    for i in range(count):
+                        s = sym[i]
+                        raw = UT(p0[i]) | (UT(s & REM_MASK) << REM_SHIFT)
+                        e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                        o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
+                else:
+                    p0 = buf[planes_at + start : planes_at + start + count]
+                    p1 = buf[planes_at + n + start : planes_at + n + start + count]
+                    p2 = buf[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+                    for i in range(count):
+                        s = sym[i]
+                        raw = UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(p2[i]) << UT(16)) | (UT(s & REM_MASK) << REM_SHIFT)
+                        e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                        o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
                 for k in range(exc_offsets[blk], exc_offsets[blk + 1]):
                     i = buf[exc_pos_at + k]
                     o[i] = (o[i] & CLEAR_EXP) | (UT(buf[exc_val_at + k]) << MAN)

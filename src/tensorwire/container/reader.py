@@ -41,7 +41,8 @@ class TwzFile:
             self.size = os.fstat(self._file.fileno()).st_size
             check_not_empty_file(self.size)
             parse_preamble(self._pread(0, min(PREAMBLE.size, self.size)))
-            offset, length, digest = parse_footer(self._pread(self.size - FOOTER.size, FOOTER.size), self.size)
+            footer = self._pread(self.size - FOOTER.size, FOOTER.size) if self.size >= FOOTER.size else b""
+            offset, length, digest = parse_footer(footer, self.size)
             raw = self._pread(offset, length)
             if checksum(raw) != digest:
                 raise ChecksumMismatch(

@@ -25,6 +25,12 @@ from .layout import FOOTER, MAGIC, PREAMBLE, VERSION, ChunkRef, Index, TensorEnt
 __all__ = ["Writer", "atomic_output"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class atomic_output:
     """Context manager: a temporary file in the target's folder, renamed over it on success."""
 
@@ -42,6 +48,7 @@ class atomic_output:
         try:
             if exc_type is None:
                 self.file.flush()
+                os.fchmod(self.file.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 is not what users expect
                 os.fsync(self.file.fileno())
             self.file.close()
             if exc_type is None:

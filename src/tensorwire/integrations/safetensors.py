@@ -155,6 +155,7 @@ def decompress_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], pr
 
 INDEX_SUFFIX = ".safetensors.index.json"
 TWZ_INDEX_SUFFIX = ".twz.index.json"
+SOURCE_INDEX_KEY = "tensorwire_source_index"
 
 
 def compress_folder(src: Path, dst: Path, level: str = "fast", chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: Progress | None = None) -> list[Path]:
@@ -172,8 +173,10 @@ def compress_folder(src: Path, dst: Path, level: str = "fast", chunk_bytes: int 
             target = dst / (path.stem + ".twz")
             compress_file(path, target, level, chunk_bytes, progress)
         elif path.name.endswith(INDEX_SUFFIX):
-            index = json.loads(path.read_text())
+            original = path.read_text()
+            index = json.loads(original)
             index["weight_map"] = {k: v.removesuffix(".safetensors") + ".twz" for k, v in index.get("weight_map", {}).items()}
+            index[SOURCE_INDEX_KEY] = original  # restored verbatim by decompress_folder
             target = dst / (path.name.removesuffix(INDEX_SUFFIX) + TWZ_INDEX_SUFFIX)
             target.write_text(json.dumps(index, indent=2))
         else:
@@ -195,9 +198,12 @@ def decompress_folder(src: Path, dst: Path, progress: Progress | None = None) ->
             decompress_file(path, target, progress)
         elif path.name.endswith(TWZ_INDEX_SUFFIX):
             index = json.loads(path.read_text())
-            index["weight_map"] = {k: v.removesuffix(".twz") + ".safetensors" for k, v in index.get("weight_map", {}).items()}
             target = dst / (path.name.removesuffix(TWZ_INDEX_SUFFIX) + INDEX_SUFFIX)
-            target.write_text(json.dumps(index, indent=2))
+            if isinstance(index.get(SOURCE_INDEX_KEY), str):
+                target.write_text(index[SOURCE_INDEX_KEY])
+            else:
+                index["weight_map"] = {k: v.removesuffix(".twz") + ".safetensors" for k, v in index.get("weight_map", {}).items()}
+                target.write_text(json.dumps(index, indent=2))
         else:
             target = dst / path.name
             shutil.copy2(path, target)

@@ -46,7 +46,7 @@ def from_numpy(array: np.ndarray, device: str = "cpu"):
 
     name = dtype_name_of(array.dtype)
     target = getattr(torch, {v: k for k, v in TORCH_NAMES.items()}[name])
-    arr = np.ascontiguousarray(array)
+    arr = array if array.flags.c_contiguous else array.copy(order="C")  # keeps 0-d shapes
     if arr.size == 0:
         return torch.empty(arr.shape, dtype=target, device=device)
     itemsize = arr.dtype.itemsize
