@@ -11,4 +11,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[hf,demo,bench,dev]"
+.venv/bin/python -m pip install --quiet -e ".[hf,demo,bench,gpu,dev]"

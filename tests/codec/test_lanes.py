@@ -63,6 +63,19 @@ def test_outlier_does_not_widen_block():
     assert plan.widths.tolist() == [0] and plan.n_exc.tolist() == [2]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_parallel_and_serial_kernels_agree(name, threads):
+    """Chunks of at least cpu.SERIAL_BELOW blocks take the parallel build when threads > 1."""
+    layout = LAYOUTS[name]
+    words = weight_like(layout, cpu.SERIAL_BELOW * blocks.BLOCK * 3 + 11, seed=5)
+    cpu.set_threads(threads)
+    try:
+        roundtrip(layout, words)
+    finally:
+        cpu.set_threads(2)
+
+
 def test_empty_and_single_value():
     for layout in LAYOUTS.values():
         roundtrip(layout, np.zeros(0, dtype=layout.uint))

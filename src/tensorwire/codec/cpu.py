@@ -225,7 +225,7 @@ def _choose_width(codes, exp_bits, acc, acc_words):
 
 
 @functools.cache
-def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: int) -> Kernels:
+def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: int) -> tuple[Kernels, Kernels]:
     UT = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
     EXP_MASK = UT((1 << exp_bits) - 1)
     MAN = UT(man_bits)
@@ -237,129 +237,136 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
     CLEAR_EXP = UT(~(((1 << exp_bits) - 1) << man_bits) & ((1 << bits) - 1))
     RB = raw_bytes
 
-    @njit(parallel=True, nogil=True, cache=True)
-    def encode_blocks(values, base, widths, n_exc, scratch, planes_at, out):
-        """Pass 1: per block, widths and exceptions; codes and exceptions into ``scratch``."""
-        n = values.size
-        nb = widths.size
-        b = UT(base)
-        for g in prange((nb + GROUP - 1) // GROUP):
-            codes = np.empty(BLOCK, dtype=np.uint8)
-            sym = np.empty(BLOCK, dtype=np.uint8)
-            words = codes.view(np.uint64)
-            acc = np.empty(64, dtype=np.uint8)
-            acc_words = acc.view(np.uint64)
-            for blk in range(g * GROUP, min(nb, (g + 1) * GROUP)):
-                start = blk * BLOCK
-                count = min(BLOCK, n - start)
-                # Exponent codes into ``codes``, rem bits into ``sym``, raw bytes into the planes.
-                v = values[start : start + count]
-                c = codes[:count]
-                r = sym[:count]
-                for i in range(count):
-                    c[i] = U8(((v[i] >> MAN) - b) & EXP_MASK)
-                for i in range(count, BLOCK):
-                    codes[i] = 0
-                    sym[i] = 0
-                if RB == 0:
+    def variant(PARALLEL: bool) -> Kernels:
+        # Blocks per task: the serial build runs all blocks as one task. G also tells the two
+        # builds apart in numba's on-disk cache, which is keyed by closure values, not flags.
+        G = GROUP if PARALLEL else 1 << 40
+        @njit(parallel=PARALLEL, nogil=True, cache=True)
+        def encode_blocks(values, base, widths, n_exc, scratch, planes_at, out):
+            """Pass 1: per block, widths and exceptions; codes and exceptions into ``scratch``."""
+            n = values.size
+            nb = widths.size
+            b = UT(base)
+            for g in prange((nb + G - 1) // G):
+                codes = np.empty(BLOCK, dtype=np.uint8)
+                sym = np.empty(BLOCK, dtype=np.uint8)
+                words = codes.view(np.uint64)
+                acc = np.empty(64, dtype=np.uint8)
+                acc_words = acc.view(np.uint64)
+                for blk in range(g * G, min(nb, (g + 1) * G)):
+                    start = blk * BLOCK
+                    count = min(BLOCK, n - start)
+                    # Exponent codes into ``codes``, rem bits into ``sym``, raw bytes into the planes.
+                    v = values[start : start + count]
+                    c = codes[:count]
+                    r = sym[:count]
                     for i in range(count):
-                        raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
-                        r[i] = U8(raw) & REM_MASK
-                elif RB == 1:
-                    p0 = out[planes_at + start : planes_at + start + count]
-                    for i in range(count):
-                        raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
-                        p0[i] = U8(raw & UT(0xFF))
-                        r[i] = U8(raw >> REM_SHIFT) & REM_MASK
-                else:
-                    p0 = out[planes_at + start : planes_at + start + count]
-                    p1 = out[planes_at + n + start : planes_at + n + start + count]
-                    p2 = out[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
-                    for i in range(count):
-                        raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
-                        p0[i] = U8(raw & UT(0xFF))
-                        p1[i] = U8((raw >> UT(8)) & UT(0xFF))
-                        p2[i] = U8((raw >> UT(16)) & UT(0xFF))
-                        r[i] = U8(raw >> REM_SHIFT) & REM_MASK
-                w, n_e = _choose_width(codes, exp_bits, acc, acc_words)
-                widths[blk] = w
-                n_exc[blk] = n_e
-                limit = U8((1 << w) - 1)
-                for i in range(BLOCK):
-                    sym[i] |= min(codes[i], limit) << REM
-                at = blk * SCRATCH
-                _pack(sym, w + rem_bits, scratch, at)
-                if n_e:
-                    # Exceptions are rare: test 8 codes at a time for a byte above ``limit``.
-                    above = (np.uint64(0xFF) ^ np.uint64(limit)) * REPEAT
-                    e = at + (w + rem_bits) * (BLOCK // 8)
-                    for q in range(BLOCK // 8):
-                        hits = words[q] & above
-                        while hits:
-                            # byte index of the lowest set bit (de Bruijn multiply, no branch per byte)
-                            low = hits & (~hits + np.uint64(1))
-                            i = 8 * q + (DEBRUIJN_BIT[(low * DEBRUIJN) >> np.uint64(58)] >> 3)
-                            hits &= ~(np.uint64(0xFF) << np.uint64(8 * (i - 8 * q)))
-                            scratch[e] = i
-                            scratch[e + n_e] = U8((values[start + i] >> MAN) & EXP_MASK)
-                            e += 1
+                        c[i] = U8(((v[i] >> MAN) - b) & EXP_MASK)
+                    for i in range(count, BLOCK):
+                        codes[i] = 0
+                        sym[i] = 0
+                    if RB == 0:
+                        for i in range(count):
+                            raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                            r[i] = U8(raw) & REM_MASK
+                    elif RB == 1:
+                        p0 = out[planes_at + start : planes_at + start + count]
+                        for i in range(count):
+                            raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                            p0[i] = U8(raw & UT(0xFF))
+                            r[i] = U8(raw >> REM_SHIFT) & REM_MASK
+                    else:
+                        p0 = out[planes_at + start : planes_at + start + count]
+                        p1 = out[planes_at + n + start : planes_at + n + start + count]
+                        p2 = out[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+                        for i in range(count):
+                            raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
+                            p0[i] = U8(raw & UT(0xFF))
+                            p1[i] = U8((raw >> UT(8)) & UT(0xFF))
+                            p2[i] = U8((raw >> UT(16)) & UT(0xFF))
+                            r[i] = U8(raw >> REM_SHIFT) & REM_MASK
+                    w, n_e = _choose_width(codes, exp_bits, acc, acc_words)
+                    widths[blk] = w
+                    n_exc[blk] = n_e
+                    limit = U8((1 << w) - 1)
+                    for i in range(BLOCK):
+                        sym[i] |= min(codes[i], limit) << REM
+                    at = blk * SCRATCH
+                    _pack(sym, w + rem_bits, scratch, at)
+                    if n_e:
+                        # Exceptions are rare: test 8 codes at a time for a byte above ``limit``.
+                        above = (np.uint64(0xFF) ^ np.uint64(limit)) * REPEAT
+                        e = at + (w + rem_bits) * (BLOCK // 8)
+                        for q in range(BLOCK // 8):
+                            hits = words[q] & above
+                            while hits:
+                                # byte index of the lowest set bit (de Bruijn multiply, no branch per byte)
+                                low = hits & (~hits + np.uint64(1))
+                                i = 8 * q + (DEBRUIJN_BIT[(low * DEBRUIJN) >> np.uint64(58)] >> 3)
+                                hits &= ~(np.uint64(0xFF) << np.uint64(8 * (i - 8 * q)))
+                                scratch[e] = i
+                                scratch[e + n_e] = U8((values[start + i] >> MAN) & EXP_MASK)
+                                e += 1
 
-    @njit(parallel=True, nogil=True, cache=True)
-    def place_blocks(scratch, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, out):
-        """Pass 2: move each block's codes and exceptions to their prefix-sum offsets."""
-        nb = widths.size
-        for g in prange((nb + GROUP - 1) // GROUP):
-            for blk in range(g * GROUP, min(nb, (g + 1) * GROUP)):
-                at = blk * SCRATCH
-                o = code_offsets[blk]
-                size = code_offsets[blk + 1] - o
-                out[o : o + size] = scratch[at : at + size]
-                e0 = exc_offsets[blk]
-                k = exc_offsets[blk + 1] - e0
-                if k:
-                    at += size
-                    out[exc_pos_at + e0 : exc_pos_at + e0 + k] = scratch[at : at + k]
-                    out[exc_val_at + e0 : exc_val_at + e0 + k] = scratch[at + k : at + 2 * k]
+        @njit(parallel=PARALLEL, nogil=True, cache=True)
+        def place_blocks(scratch, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, out):
+            """Pass 2: move each block's codes and exceptions to their prefix-sum offsets."""
+            nb = widths.size
+            for g in prange((nb + G - 1) // G):
+                for blk in range(g * G, min(nb, (g + 1) * G)):
+                    at = blk * SCRATCH
+                    o = code_offsets[blk]
+                    size = code_offsets[blk + 1] - o
+                    out[o : o + size] = scratch[at : at + size]
+                    e0 = exc_offsets[blk]
+                    k = exc_offsets[blk + 1] - e0
+                    if k:
+                        at += size
+                        out[exc_pos_at + e0 : exc_pos_at + e0 + k] = scratch[at : at + k]
+                        out[exc_val_at + e0 : exc_val_at + e0 + k] = scratch[at + k : at + 2 * k]
 
-    @njit(parallel=True, nogil=True, cache=True)
-    def decode_blocks(buf, base, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, planes_at, out):
-        n = out.size
-        nb = widths.size
-        b = U8(base)
-        for g in prange((nb + GROUP - 1) // GROUP):
-            sym = np.empty(BLOCK, dtype=np.uint8)
-            for blk in range(g * GROUP, min(nb, (g + 1) * GROUP)):
-                start = blk * BLOCK
-                count = min(BLOCK, n - start)
-                _unpack(buf, code_offsets[blk], widths[blk] + rem_bits, sym)
-                o = out[start : start + count]
-                if RB == 0:
-                    for i in range(count):
-                        s = sym[i]
-                        raw = UT(s & REM_MASK)
-                        e = UT(((s >> REM) + b) & U8(EXP_MASK))
-                        o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
-                elif RB == 1:
-                    p0 = buf[planes_at + start : planes_at + start + count]
-                    for i in range(count):
-                        s = sym[i]
-                        raw = UT(p0[i]) | (UT(s & REM_MASK) << REM_SHIFT)
-                        e = UT(((s >> REM) + b) & U8(EXP_MASK))
-                        o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
-                else:
-                    p0 = buf[planes_at + start : planes_at + start + count]
-                    p1 = buf[planes_at + n + start : planes_at + n + start + count]
-                    p2 = buf[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
-                    for i in range(count):
-                        s = sym[i]
-                        raw = UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(p2[i]) << UT(16)) | (UT(s & REM_MASK) << REM_SHIFT)
-                        e = UT(((s >> REM) + b) & U8(EXP_MASK))
-                        o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
-                for k in range(exc_offsets[blk], exc_offsets[blk + 1]):
-                    i = buf[exc_pos_at + k]
-                    o[i] = (o[i] & CLEAR_EXP) | (UT(buf[exc_val_at + k]) << MAN)
+        @njit(parallel=PARALLEL, nogil=True, cache=True)
+        def decode_blocks(buf, base, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, planes_at, out):
+            n = out.size
+            nb = widths.size
+            b = U8(base)
+            for g in prange((nb + G - 1) // G):
+                sym = np.empty(BLOCK, dtype=np.uint8)
+                for blk in range(g * G, min(nb, (g + 1) * G)):
+                    start = blk * BLOCK
+                    count = min(BLOCK, n - start)
+                    _unpack(buf, code_offsets[blk], widths[blk] + rem_bits, sym)
+                    o = out[start : start + count]
+                    if RB == 0:
+                        for i in range(count):
+                            s = sym[i]
+                            raw = UT(s & REM_MASK)
+                            e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                            o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
+                    elif RB == 1:
+                        p0 = buf[planes_at + start : planes_at + start + count]
+                        for i in range(count):
+                            s = sym[i]
+                            raw = UT(p0[i]) | (UT(s & REM_MASK) << REM_SHIFT)
+                            e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                            o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
+                    else:
+                        p0 = buf[planes_at + start : planes_at + start + count]
+                        p1 = buf[planes_at + n + start : planes_at + n + start + count]
+                        p2 = buf[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+                        for i in range(count):
+                            s = sym[i]
+                            raw = UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(p2[i]) << UT(16)) | (UT(s & REM_MASK) << REM_SHIFT)
+                            e = UT(((s >> REM) + b) & U8(EXP_MASK))
+                            o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
+                    for k in range(exc_offsets[blk], exc_offsets[blk + 1]):
+                        i = buf[exc_pos_at + k]
+                        o[i] = (o[i] & CLEAR_EXP) | (UT(buf[exc_val_at + k]) << MAN)
 
-    return Kernels(encode_blocks, place_blocks, decode_blocks)
+
+        return Kernels(encode_blocks, place_blocks, decode_blocks)
+
+    return variant(True), variant(False)
 
 
 _local = threading.local()
@@ -373,9 +380,14 @@ def _scratch(size: int) -> np.ndarray:
     return buf[:size]
 
 
-def kernels(layout: FloatLayout) -> Kernels:
+SERIAL_BELOW = 64  # blocks; smaller chunks cost more to hand to threads than to code
+
+
+def kernels(layout: FloatLayout, n_blocks: int = 0) -> Kernels:
+    """The kernels for a layout: the parallel build for big chunks, the serial one otherwise."""
     with _compile_lock:  # numba compiles once per layout; concurrent first calls would race
-        return _build(layout.bits, layout.exp_bits, layout.man_bits, layout.raw_bytes, layout.rem_bits)
+        parallel, serial = _build(layout.bits, layout.exp_bits, layout.man_bits, layout.raw_bytes, layout.rem_bits)
+    return parallel if n_blocks >= SERIAL_BELOW and numba.get_num_threads() > 1 else serial
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -383,10 +395,10 @@ def kernels(layout: FloatLayout) -> Kernels:
 
 def encode_lanes(values: np.ndarray, layout: FloatLayout) -> np.ndarray:
     """Mode-1 encoder; byte-identical to ``blocks.encode_lanes``. Returns a uint8 array."""
-    k = kernels(layout)
     values = np.ascontiguousarray(values).reshape(-1).view(layout.uint)
     n = values.size
     nb = n_blocks(n)
+    k = kernels(layout, nb)
     hist = np.zeros(1 << layout.exp_bits, dtype=np.int64)
     _sampled_histogram(values, layout.man_bits, layout.exp_mask, sample_stride(n), hist)
     base = choose_base(hist, layout)
@@ -415,6 +427,6 @@ def decode_lanes(buf: np.ndarray, plan: LanesPlan, layout: FloatLayout, out: np.
     """Mode-1 decoder over a plan checked by ``blocks.parse_lanes``; writes into ``out`` if given."""
     if out is None:
         out = np.empty(plan.n, dtype=layout.uint)
-    kernels(layout).decode_blocks(buf, plan.base, plan.widths, plan.code_offsets, plan.exc_offsets,
+    kernels(layout, plan.widths.size).decode_blocks(buf, plan.base, plan.widths, plan.code_offsets, plan.exc_offsets,
                                   plan.exc_pos_at, plan.exc_val_at, plan.planes_at, out)  # fmt: skip
     return out
