@@ -356,3 +356,20 @@ def test_real_weights_on_cuda(minilm_path, monkeypatch):
         gpu.decode_chunk_device(stream, name, words.size, out, device_chunk=dev, group=2, num_warps=2)
         torch.cuda.synchronize()
         assert torch.equal(out.cpu(), expect)
+
+
+def test_container_tensors_decode_through_the_device_path(tmp_path):
+    """TwzFile.decode_to_device (what get_tensor(name, "cuda") runs) on CPU tensors."""
+    import tensorwire
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": (torch.randn(40, 70, generator=g) * 0.02).to(torch.bfloat16),
+        "f32": torch.randn(3000, generator=g),
+        "ids": torch.arange(33, dtype=torch.int32),
+    }
+    tensorwire.save_file(tensors, tmp_path / "m.twz", chunk_bytes=2048)
+    with tensorwire.open(tmp_path / "m.twz") as f:
+        for name, t in tensors.items():
+            got = f.decode_to_device(name, "cpu")
+            assert got.dtype == t.dtype and torch.equal(got.view(-1).view(torch.uint8), t.view(-1).view(torch.uint8)), name

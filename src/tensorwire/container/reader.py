@@ -18,7 +18,7 @@ from ..codec.chunks import decode_chunk
 from ..codec.dtypes import numpy_dtype
 from ..codec.frame import checksum
 from ..codec.planes import DTYPE_ITEMSIZE
-from ..errors import ChecksumMismatch, Truncated
+from ..errors import ChecksumMismatch, Truncated, require
 from .layout import FOOTER, PREAMBLE, Index, TensorEntry, check_not_empty_file, parse_footer, parse_index, parse_preamble
 
 __all__ = ["TwzFile"]
@@ -128,10 +128,37 @@ class TwzFile:
         return view
 
     def get_tensor(self, name: str, device: str = "cpu"):
-        """Decode one tensor into a torch tensor on ``device``."""
+        """Decode one tensor into a torch tensor on ``device``.
+
+        On an accelerator the compressed chunks are copied over and decoded there (Triton
+        kernels, ``tensorwire[gpu]``), so only compressed bytes cross the host link.
+        """
         from ..integrations.torch import from_numpy
 
-        return from_numpy(self.get_numpy(name), device=device)
+        if str(device) == "cpu" or str(device).startswith("cpu:"):
+            return from_numpy(self.get_numpy(name), device="cpu")
+        return self.decode_to_device(name, device)
+
+    def decode_to_device(self, name: str, device):
+        """Decode one tensor with the device decoder into a new tensor on ``device``.
+
+        Chunk checksums are verified on the host before upload. With ``TRITON_INTERPRET=1``
+        ``device`` may be ``"cpu"``: that is how this path is tested without a GPU.
+        """
+        from ..codec.gpu import decode_chunk_device
+        from ..integrations.torch import torch_dtype
+
+        torch = require("torch", "gpu")
+        entry = self.entry(name)
+        out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype), device=device)
+        flat = out.reshape(-1).view(torch.uint8)
+        itemsize = DTYPE_ITEMSIZE[entry.dtype]
+        at = 0
+        for i, chunk in enumerate(entry.chunks):
+            nbytes = chunk.values * itemsize
+            decode_chunk_device(self.read_chunk(entry, i), entry.dtype, chunk.values, flat[at : at + nbytes])
+            at += nbytes
+        return out
 
     def _pread(self, offset: int, size: int) -> bytes:
         data = os.pread(self._file.fileno(), size, offset)

@@ -7,7 +7,7 @@ import numpy as np
 from ..codec.dtypes import numpy_dtype
 from ..errors import UnsupportedDType, require
 
-__all__ = ["to_numpy", "from_numpy", "TORCH_NAMES"]
+__all__ = ["to_numpy", "from_numpy", "torch_dtype", "TORCH_NAMES"]
 
 TORCH_NAMES = {
     "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
@@ -22,6 +22,12 @@ def dtype_name(tensor) -> str:
     if key not in TORCH_NAMES:
         raise UnsupportedDType(f"torch dtype {tensor.dtype} is not supported; expected one of {sorted(TORCH_NAMES)}")
     return TORCH_NAMES[key]
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name."""
+    torch = require("torch", "hf")
+    return getattr(torch, {v: k for k, v in TORCH_NAMES.items()}[name])
 
 
 def to_numpy(tensor) -> np.ndarray:
@@ -45,7 +51,7 @@ def from_numpy(array: np.ndarray, device: str = "cpu"):
     from ..codec.dtypes import dtype_name_of
 
     name = dtype_name_of(array.dtype)
-    target = getattr(torch, {v: k for k, v in TORCH_NAMES.items()}[name])
+    target = torch_dtype(name)
     arr = array if array.flags.c_contiguous else array.copy(order="C")  # keeps 0-d shapes
     if arr.size == 0:
         return torch.empty(arr.shape, dtype=target, device=device)

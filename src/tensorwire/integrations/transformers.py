@@ -26,6 +26,8 @@ def load_state_dict(folder: str | os.PathLike[str], device: str = "cpu") -> dict
 def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel", device: str = "cpu", **config_kwargs: Any):
     """Build ``transformers.<auto_class>`` from ``folder``'s config and load its .twz weights.
 
+    With ``device="cuda"`` the compressed chunks are decoded on the accelerator.
+
     Tied weights (e.g. ``lm_head`` sharing the embedding) may be absent from the shards, as
     in safetensors checkpoints; any other missing or unexpected key is an error.
 
@@ -35,8 +37,8 @@ def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel
     """
     transformers = require("transformers", "hf")
     config = transformers.AutoConfig.from_pretrained(folder, **config_kwargs)
-    state = load_state_dict(folder)
-    model = getattr(transformers, auto_class).from_config(config)
+    state = load_state_dict(folder, device=device)
+    model = getattr(transformers, auto_class).from_config(config).to(device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
