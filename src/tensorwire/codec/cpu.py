@@ -24,7 +24,6 @@ from .blocks import (
     MODE_LANES,
     LanesPlan,
     sample_stride,
-    block_offsets,
     choose_base,
     n_blocks,
 )
@@ -172,10 +171,6 @@ def _pack(sym, width, out, at):
 
 # ----------------------------------------------------------------------------- per-layout kernels
 
-# Per block: packed codes, then exception positions, then exception values. A width is only
-# chosen when it costs no more bits than the full exponent width, so all three fit in BLOCK
-# bytes, and so does a whole chunk's code section in BLOCK bytes per block.
-SCRATCH = BLOCK
 REPEAT = np.uint64(0x0101010101010101)
 REPEAT16 = np.uint64(0x0001000100010001)
 LOW_BYTES = np.uint64(0x00FF00FF00FF00FF)
@@ -188,10 +183,29 @@ for _bit in range(64):
 class Kernels:
     """The compiled kernels of one float layout."""
 
-    def __init__(self, encode_blocks, place_blocks, decode_blocks):
+    def __init__(self, encode_blocks, decode_blocks, group: int):
         self.encode_blocks = encode_blocks
-        self.place_blocks = place_blocks
         self.decode_blocks = decode_blocks
+        self.group = group
+
+
+@njit(nogil=True, cache=True)
+def _compact(out, codes_at, group, seg_codes, seg_exc, exc_scratch, exc_pos_at, exc_val_at):
+    """Close the gaps between the tasks' code runs and append the exceptions, in block order."""
+    half = exc_scratch.size // 2
+    dst = codes_at
+    for g in range(seg_codes.size):
+        src = codes_at + g * group * BLOCK
+        for i in range(seg_codes[g]):  # forward copy: dst <= src, so a run never overwrites itself
+            out[dst + i] = out[src + i]
+        dst += seg_codes[g]
+    k = 0
+    for g in range(seg_exc.size):
+        src = g * group * BLOCK
+        for i in range(seg_exc[g]):
+            out[exc_pos_at + k] = exc_scratch[src + i]
+            out[exc_val_at + k] = exc_scratch[half + src + i]
+            k += 1
 
 
 @njit(nogil=True, cache=True)
@@ -242,12 +256,17 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
         # builds apart in numba's on-disk cache, which is keyed by closure values, not flags.
         G = GROUP if PARALLEL else 1 << 40
         @njit(parallel=PARALLEL, nogil=True, cache=True)
-        def encode_blocks(values, base, widths, n_exc, scratch, planes_at, out):
-            """Pass 1: per block, widths and exceptions; codes and exceptions into ``scratch``."""
+        def encode_blocks(values, base, widths, n_exc, codes_at, planes_at, out, exc_scratch, seg_codes, seg_exc):
+            """Code every block. Task ``g`` packs its blocks contiguously from ``codes_at +
+            g*G*BLOCK`` in ``out`` and its exceptions from ``g*G*BLOCK`` in ``exc_scratch``
+            (positions, then exponents half the array further); :func:`_compact` closes the gaps."""
             n = values.size
             nb = widths.size
             b = UT(base)
+            half = exc_scratch.size // 2
             for g in prange((nb + G - 1) // G):
+                code_at = codes_at + g * G * BLOCK
+                exc_at = g * G * BLOCK
                 codes = np.empty(BLOCK, dtype=np.uint8)
                 sym = np.empty(BLOCK, dtype=np.uint8)
                 words = codes.view(np.uint64)
@@ -291,12 +310,11 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                     limit = U8((1 << w) - 1)
                     for i in range(BLOCK):
                         sym[i] |= min(codes[i], limit) << REM
-                    at = blk * SCRATCH
-                    _pack(sym, w + rem_bits, scratch, at)
+                    _pack(sym, w + rem_bits, out, code_at)
+                    code_at += (w + rem_bits) * (BLOCK // 8)
                     if n_e:
                         # Exceptions are rare: test 8 codes at a time for a byte above ``limit``.
                         above = (np.uint64(0xFF) ^ np.uint64(limit)) * REPEAT
-                        e = at + (w + rem_bits) * (BLOCK // 8)
                         for q in range(BLOCK // 8):
                             hits = words[q] & above
                             while hits:
@@ -304,26 +322,11 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                                 low = hits & (~hits + np.uint64(1))
                                 i = 8 * q + (DEBRUIJN_BIT[(low * DEBRUIJN) >> np.uint64(58)] >> 3)
                                 hits &= ~(np.uint64(0xFF) << np.uint64(8 * (i - 8 * q)))
-                                scratch[e] = i
-                                scratch[e + n_e] = U8((values[start + i] >> MAN) & EXP_MASK)
-                                e += 1
-
-        @njit(parallel=PARALLEL, nogil=True, cache=True)
-        def place_blocks(scratch, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, out):
-            """Pass 2: move each block's codes and exceptions to their prefix-sum offsets."""
-            nb = widths.size
-            for g in prange((nb + G - 1) // G):
-                for blk in range(g * G, min(nb, (g + 1) * G)):
-                    at = blk * SCRATCH
-                    o = code_offsets[blk]
-                    size = code_offsets[blk + 1] - o
-                    out[o : o + size] = scratch[at : at + size]
-                    e0 = exc_offsets[blk]
-                    k = exc_offsets[blk + 1] - e0
-                    if k:
-                        at += size
-                        out[exc_pos_at + e0 : exc_pos_at + e0 + k] = scratch[at : at + k]
-                        out[exc_val_at + e0 : exc_val_at + e0 + k] = scratch[at + k : at + 2 * k]
+                                exc_scratch[exc_at] = i
+                                exc_scratch[half + exc_at] = U8((values[start + i] >> MAN) & EXP_MASK)
+                                exc_at += 1
+                seg_codes[g] = code_at - (codes_at + g * G * BLOCK)
+                seg_exc[g] = exc_at - g * G * BLOCK
 
         @njit(parallel=PARALLEL, nogil=True, cache=True)
         def decode_blocks(buf, base, widths, code_offsets, exc_offsets, exc_pos_at, exc_val_at, planes_at, out):
@@ -364,7 +367,7 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                         o[i] = (o[i] & CLEAR_EXP) | (UT(buf[exc_val_at + k]) << MAN)
 
 
-        return Kernels(encode_blocks, place_blocks, decode_blocks)
+        return Kernels(encode_blocks, decode_blocks, G)
 
     return variant(True), variant(False)
 
@@ -406,17 +409,17 @@ def encode_lanes(values: np.ndarray, layout: FloatLayout) -> np.ndarray:
     n_exc = np.empty(nb, dtype=np.uint8)
     planes_at = HEADER.size + 2 * nb
     codes_at = planes_at + layout.raw_bytes * n
-    # Every block's codes plus exceptions fit in BLOCK bytes (a width is only chosen when it
-    # costs no more than the full exponent width), so this bounds the chunk.
+    # A width is only chosen when it costs no more than the full exponent width, so a block's
+    # codes and exceptions fit in BLOCK bytes: this bounds the chunk, and each task's run.
     out = np.empty(codes_at + nb * BLOCK, dtype=np.uint8)
-    scratch = _scratch(nb * SCRATCH)
-    k.encode_blocks(values, base, widths, n_exc, scratch, planes_at, out)
-    code_offsets = codes_at + block_offsets(widths, layout.rem_bits)
-    exc_offsets = np.zeros(nb + 1, dtype=np.int64)
-    np.cumsum(n_exc, out=exc_offsets[1:])
-    total_exc = int(exc_offsets[-1])
-    exc_pos_at = int(code_offsets[-1])
-    k.place_blocks(scratch, widths, code_offsets, exc_offsets, exc_pos_at, exc_pos_at + total_exc, out)
+    exc_scratch = _scratch(2 * nb * BLOCK)
+    tasks = -(-nb // min(k.group, max(nb, 1)))
+    seg_codes = np.zeros(tasks, dtype=np.int64)
+    seg_exc = np.zeros(tasks, dtype=np.int64)
+    k.encode_blocks(values, base, widths, n_exc, codes_at, planes_at, out, exc_scratch, seg_codes, seg_exc)
+    exc_pos_at = codes_at + int(seg_codes.sum())
+    total_exc = int(seg_exc.sum())
+    _compact(out, codes_at, min(k.group, max(nb, 1)), seg_codes, seg_exc, exc_scratch, exc_pos_at, exc_pos_at + total_exc)
     out[: HEADER.size] = np.frombuffer(HEADER.pack(MODE_LANES, base, 0, 0, n, total_exc), dtype=np.uint8)
     out[HEADER.size : HEADER.size + nb] = widths
     out[HEADER.size + nb : planes_at] = n_exc
