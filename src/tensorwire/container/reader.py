@@ -19,7 +19,7 @@ from ..codec.dtypes import numpy_dtype
 from ..codec.frame import checksum
 from ..codec.planes import DTYPE_ITEMSIZE
 from ..errors import ChecksumMismatch, Truncated, require
-from .layout import FOOTER, PREAMBLE, Index, TensorEntry, check_not_empty_file, parse_footer, parse_index, parse_preamble
+from .layout import FOOTER, PREAMBLE, ChunkRef, Index, TensorEntry, check_not_empty_file, parse_footer, parse_index, parse_preamble
 
 __all__ = ["TwzFile"]
 
@@ -87,13 +87,18 @@ class TwzFile:
         elif out.shape != entry.shape or out.dtype != numpy_dtype(entry.dtype) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {entry.dtype} array of shape {entry.shape}")
         flat = out.reshape(-1).view(np.uint8)
+        for i, chunk, span in self._chunk_spans(entry):
+            decode_chunk(self.read_chunk(entry, i), entry.dtype, chunk.values, flat[span])
+        return out
+
+    @staticmethod
+    def _chunk_spans(entry: TensorEntry) -> Iterator[tuple[int, ChunkRef, slice]]:
+        """Each chunk with the byte range it fills in the decoded tensor."""
         itemsize = DTYPE_ITEMSIZE[entry.dtype]
         at = 0
         for i, chunk in enumerate(entry.chunks):
-            nbytes = chunk.values * itemsize
-            decode_chunk(self.read_chunk(entry, i), entry.dtype, chunk.values, flat[at : at + nbytes])
-            at += nbytes
-        return out
+            yield i, chunk, slice(at, at + chunk.values * itemsize)
+            at += chunk.values * itemsize
 
     def iter_chunk_bytes(self, entry: TensorEntry) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(byte offset in the tensor, decoded bytes)`` per chunk, checksums verified.
@@ -101,14 +106,11 @@ class TwzFile:
         The yielded array is reused for the next chunk: copy it if you keep it.
         """
         itemsize = DTYPE_ITEMSIZE[entry.dtype]
-        at = 0
         out = np.empty(max((c.values for c in entry.chunks), default=0) * itemsize, dtype=np.uint8)
-        for i, chunk in enumerate(entry.chunks):
-            stream = self.read_chunk(entry, i)
-            nbytes = chunk.values * itemsize
-            decode_chunk(stream, entry.dtype, chunk.values, out[:nbytes])
-            yield at, out[:nbytes]
-            at += nbytes
+        for i, chunk, span in self._chunk_spans(entry):
+            nbytes = span.stop - span.start
+            decode_chunk(self.read_chunk(entry, i), entry.dtype, chunk.values, out[:nbytes])
+            yield span.start, out[:nbytes]
 
     def read_chunk(self, entry: TensorEntry, i: int) -> np.ndarray:
         """The stream of chunk ``i`` of a tensor, read into a reused buffer and checksum-verified."""
@@ -152,12 +154,8 @@ class TwzFile:
         entry = self.entry(name)
         out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype), device=device)
         flat = out.reshape(-1).view(torch.uint8)
-        itemsize = DTYPE_ITEMSIZE[entry.dtype]
-        at = 0
-        for i, chunk in enumerate(entry.chunks):
-            nbytes = chunk.values * itemsize
-            decode_chunk_device(self.read_chunk(entry, i), entry.dtype, chunk.values, flat[at : at + nbytes])
-            at += nbytes
+        for i, chunk, span in self._chunk_spans(entry):
+            decode_chunk_device(self.read_chunk(entry, i), entry.dtype, chunk.values, flat[span])
         return out
 
     def _pread(self, offset: int, size: int) -> bytes:
