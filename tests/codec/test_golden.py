@@ -12,20 +12,29 @@ from tensorwire.codec.planes import LAYOUTS
 GOLDEN = Path(__file__).parent.parent / "golden"
 
 
+CASES = {"fast": ("", (30, 50), 1), "max": ("_large", (700, 100), 2)}  # values file, shape, chunk mode
+
+
+@pytest.mark.parametrize("level", ["fast", "max"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_golden_frame_decodes(name):
-    expected = np.frombuffer((GOLDEN / f"values_{name.lower()}.bin").read_bytes(), dtype=LAYOUTS[name].uint)
-    out = tensorwire.decompress((GOLDEN / f"frame_{name.lower()}_fast.twf").read_bytes())
-    assert out.dtype == numpy_dtype(name) and out.shape == (30, 50)
+def test_golden_frame_decodes(name, level):
+    suffix, shape, mode = CASES[level]
+    expected = np.frombuffer((GOLDEN / f"values_{name.lower()}{suffix}.bin").read_bytes(), dtype=LAYOUTS[name].uint)
+    frame = (GOLDEN / f"frame_{name.lower()}_{level}.twf").read_bytes()
+    assert frame[20 + 8 * 2 + 24] == mode  # the one chunk's mode byte: each level's stream is covered
+    out = tensorwire.decompress(frame)
+    assert out.dtype == numpy_dtype(name) and out.shape == shape
     assert out.reshape(-1).view(LAYOUTS[name].uint).tobytes() == expected.tobytes()
 
 
+@pytest.mark.parametrize("level", ["fast", "max"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_golden_frame_is_what_this_build_writes(name):
+def test_golden_frame_is_what_this_build_writes(name, level):
     """Encoding is deterministic: today's encoder still writes the frozen bytes."""
-    words = np.frombuffer((GOLDEN / f"values_{name.lower()}.bin").read_bytes(), dtype=LAYOUTS[name].uint)
-    frame = tensorwire.compress(words.view(numpy_dtype(name)).reshape(30, 50))
-    assert frame == (GOLDEN / f"frame_{name.lower()}_fast.twf").read_bytes()
+    suffix, shape, _ = CASES[level]
+    words = np.frombuffer((GOLDEN / f"values_{name.lower()}{suffix}.bin").read_bytes(), dtype=LAYOUTS[name].uint)
+    frame = tensorwire.compress(words.view(numpy_dtype(name)).reshape(shape), level=level)
+    assert frame == (GOLDEN / f"frame_{name.lower()}_{level}.twf").read_bytes()
 
 
 def test_golden_container_decodes():

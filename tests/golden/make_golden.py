@@ -14,6 +14,7 @@ from tensorwire.codec.planes import LAYOUTS
 from tensorwire.testing.strategies import awkward_values, weight_like
 
 HERE = Path(__file__).parent
+LARGE = 70_000
 
 
 def golden_values(name: str, n: int = 1500) -> np.ndarray:
@@ -28,11 +29,19 @@ def main() -> None:
     for name in sorted(LAYOUTS):
         words = golden_values(name)
         values = words.view(numpy_dtype(name)).reshape(30, 50)
+        values_file = HERE / f"values_{name.lower()}.bin"
+        if not values_file.exists():
+            values_file.write_bytes(words.tobytes())
         target = HERE / f"frame_{name.lower()}_fast.twf"
-        if target.exists():
-            continue
-        (HERE / f"values_{name.lower()}.bin").write_bytes(words.tobytes())
-        target.write_bytes(tensorwire.compress(values, level="fast"))
+        if not target.exists():
+            target.write_bytes(tensorwire.compress(values, level="fast"))
+        # Mode 2 is chosen for sure only above chunks.HUFFMAN_ALWAYS_ABOVE values.
+        large = HERE / f"values_{name.lower()}_large.bin"
+        target = HERE / f"frame_{name.lower()}_max.twf"
+        if not target.exists():
+            words = golden_values(name, LARGE)
+            large.write_bytes(words.tobytes())
+            target.write_bytes(tensorwire.compress(words.view(numpy_dtype(name)).reshape(-1, 100), level="max"))
     container = HERE / "container_v1.twz"
     if not container.exists():
         tensors = {f"t_{name.lower()}": golden_values(name).view(numpy_dtype(name)).reshape(30, 50) for name in sorted(LAYOUTS)}

@@ -25,6 +25,7 @@ __all__ = ["LEVELS", "encode_chunk", "decode_chunk", "Impl", "Level"]
 Level = Literal["fast", "max"]
 Impl = Literal["cpu", "reference"]
 LEVELS: tuple[str, ...] = ("fast", "max")
+HUFFMAN_ALWAYS_ABOVE = 1 << 16  # values; larger chunks always take mode 2 at level "max"
 
 
 def _check_level(level: str) -> None:
@@ -45,19 +46,26 @@ def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl
     if layout is None or n == 0:
         return np.frombuffer(blocks.encode_raw(raw, n), dtype=np.uint8)
     values = raw.view(layout.uint)
+    encoded = _encode_lanes(values, layout, impl) if level == "fast" or n <= HUFFMAN_ALWAYS_ABOVE else None
     if level == "max":
         from . import entropy
 
-        encoded = entropy.encode_huffman(values, layout, impl=impl)
-    elif impl == "cpu":
-        from . import cpu
-
-        encoded = cpu.encode_lanes(values, layout)
-    else:
-        encoded = np.frombuffer(blocks.encode_lanes(values, layout), dtype=np.uint8)
+        huffman = entropy.encode_huffman(values, layout, impl=impl)
+        # Small chunks can lose to mode 1 (the code-length table is a fixed cost): keep the
+        # smaller stream, so that "max" is never larger than "fast".
+        if encoded is None or huffman.size < encoded.size:
+            encoded = huffman
     if encoded.size >= raw.size + blocks.RAW_HEADER.size:
         return np.frombuffer(blocks.encode_raw(raw, n), dtype=np.uint8)
     return encoded
+
+
+def _encode_lanes(values: np.ndarray, layout, impl: Impl) -> np.ndarray:
+    if impl == "cpu":
+        from . import cpu
+
+        return cpu.encode_lanes(values, layout)
+    return np.frombuffer(blocks.encode_lanes(values, layout), dtype=np.uint8)
 
 
 def decode_chunk(buf: np.ndarray, dtype: str, n: int, out: np.ndarray | None = None, impl: Impl = "cpu") -> np.ndarray:
