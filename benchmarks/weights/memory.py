@@ -3,7 +3,7 @@
 Builds a .safetensors checkpoint of the requested size from the real all-MiniLM-L6-v2
 tensors (cast to bf16) repeated under distinct names, written streaming so the builder
 never holds it whole. Then runs `tensorwire compress` and `tensorwire decompress` in
-child processes and reads each one's peak RSS (getrusage of the child). Target: peak RSS
+child processes, each reporting its own peak RSS (VmHWM) when it exits. Target: peak RSS
 <= 3 x largest tensor + 256 MiB, whatever the checkpoint size.
 
     .venv/bin/python benchmarks/weights/memory.py --gib 4 [--workdir /tmp/twz-mem]
@@ -51,15 +51,26 @@ def build_checkpoint(path: Path, target_bytes: int) -> tuple[int, int]:
     return path.stat().st_size, max(t.numel() * 2 for t in real.values())
 
 
-def run_child(args: list[str]) -> tuple[float, int]:
-    """Run a command; return (seconds, peak RSS bytes of that child alone, from wait4)."""
+# The child reports its own VmHWM at exit: getrusage/wait4 would also count the pages of this
+# (large) parent that the child held between fork and exec.
+PEAK_REPORTER = """
+import atexit, runpy, sys
+peak_path = sys.argv.pop(1)
+def report():
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    with open(peak_path, "w") as out:
+        out.write(str(peak * 1024))
+atexit.register(report)
+runpy.run_module("tensorwire.cli", run_name="__main__")
+"""
+
+
+def run_cli(args: list[str], peak_file: Path) -> tuple[float, int]:
+    """Run ``tensorwire ARGS`` in a child; return (seconds, the child's peak RSS in bytes)."""
     start = time.perf_counter()
-    child = subprocess.Popen(args)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(args)} failed with status {status}")
-    return seconds, usage.ru_maxrss * 1024
+    subprocess.run([sys.executable, "-c", PEAK_REPORTER, str(peak_file), *args], check=True)
+    return time.perf_counter() - start, int(peak_file.read_text())
 
 
 def main() -> None:
@@ -74,12 +85,13 @@ def main() -> None:
     src, twz, back = work / "big.safetensors", work / "big.twz", work / "big.restored.safetensors"
     size, largest = build_checkpoint(src, int(args.gib * (1 << 30)))
     cli = [sys.executable, "-m", "tensorwire.cli"]
+    peak = work / "peak.txt"
     # Warm the numba cache on a small real file so that compile memory is not measured.
     shutil.copy(minilm_folder() / "model.safetensors", work / "warm.safetensors")
     subprocess.run(cli + ["compress", str(work / "warm.safetensors"), "--quiet"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(cli + ["decompress", str(work / "warm.twz"), str(work / "warm2.safetensors"), "--quiet"], check=True, stdout=subprocess.DEVNULL)
-    c_s, c_rss = run_child(cli + ["compress", str(src), str(twz), "--quiet"])
-    d_s, d_rss = run_child(cli + ["decompress", str(twz), str(back), "--quiet"])
+    c_s, c_rss = run_cli(["compress", str(src), str(twz), "--quiet"], peak)
+    d_s, d_rss = run_cli(["decompress", str(twz), str(back), "--quiet"], peak)
     identical = sha256_file(src) == sha256_file(back)
     bound = 3 * largest + (256 << 20)
     result = {

@@ -92,7 +92,7 @@ class EnecCodec:
         header = FRAME_HEADER.pack(FRAME_MAGIC, FRAME_VERSION, 0, DTYPE_CODES[name], arr.ndim, 0, len(streams))
         shape = struct.pack(f"<{arr.ndim}Q", *arr.shape)
         table = b"".join(CHUNK_ENTRY.pack(c, s.size, checksum(s)) for c, s in zip(counts, streams))
-        return b"".join([header, shape, table, *[s.tobytes() for s in streams]])
+        return b"".join([header, shape, table, *map(memoryview, streams)])  # one copy of each stream
 
     def decode(self, buf, out: np.ndarray | None = None, impl: Impl = "cpu") -> np.ndarray:
         """Decompress a frame to a numpy array (written into ``out`` when given)."""
