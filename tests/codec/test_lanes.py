@@ -76,6 +76,17 @@ def test_parallel_and_serial_kernels_agree(name, threads):
         cpu.set_threads(2)
 
 
+@pytest.mark.parametrize("exceptions", [15, 16, 17, 32, 48])
+def test_width_ties_go_to_the_smaller_width(exceptions):
+    """Blocks whose costs tie (16 exceptions cost one bit per value) pick as the reference does."""
+    layout = LAYOUTS["BF16"]
+    rng = np.random.default_rng(exceptions)
+    exponent = np.full(blocks.BLOCK, 120)
+    exponent[rng.choice(blocks.BLOCK, exceptions, replace=False)] = rng.integers(121, 255, exceptions)
+    words = ((exponent << 7) | rng.integers(0, 128, blocks.BLOCK)).astype(np.uint16)
+    roundtrip(layout, words)
+
+
 def test_empty_and_single_value():
     for layout in LAYOUTS.values():
         roundtrip(layout, np.zeros(0, dtype=layout.uint))

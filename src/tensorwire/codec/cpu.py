@@ -196,9 +196,10 @@ def _compact(out, codes_at, group, seg_codes, seg_exc, exc_scratch, exc_pos_at, 
     dst = codes_at
     for g in range(seg_codes.size):
         src = codes_at + g * group * BLOCK
-        for i in range(seg_codes[g]):  # forward copy: dst <= src, so a run never overwrites itself
-            out[dst + i] = out[src + i]
-        dst += seg_codes[g]
+        size = seg_codes[g]
+        if src != dst:  # the first run (all of a serial encode) is already in place
+            out[dst : dst + size] = out[src : src + size].copy()  # runs may overlap: copy first
+        dst += size
     k = 0
     for g in range(seg_exc.size):
         src = g * group * BLOCK
@@ -228,12 +229,19 @@ def _count_above(codes, limit, acc, acc_words):
 
 @njit(inline="always")
 def _choose_width(codes, exp_bits, acc, acc_words):
-    """cost(w) = BLOCK*w + EXCEPTION_BITS*#(codes >= 2**w); ties go to the smaller w."""
-    best_w, best_cost, best_exc = exp_bits, BLOCK * exp_bits, 0
-    for w in range(exp_bits - 1, -1, -1):
-        count = _count_above(codes, U8((1 << w) - 1), acc, acc_words)
+    """cost(w) = BLOCK*w + EXCEPTION_BITS*#(codes >= 2**w); ties go to the smaller w.
+
+    Widths are tried upwards and the search stops once ``BLOCK*w`` alone reaches the best
+    cost, since no wider block can then be cheaper: the same choice as trying all widths,
+    in about half the counting passes on weights.
+    """
+    best_w, best_cost, best_exc = exp_bits, 1 << 30, 0
+    for w in range(exp_bits + 1):
+        if BLOCK * w >= best_cost:
+            break
+        count = _count_above(codes, U8((1 << w) - 1), acc, acc_words) if w < exp_bits else 0
         cost = BLOCK * w + EXCEPTION_BITS * count
-        if count <= 255 and cost <= best_cost:
+        if count <= 255 and cost < best_cost:  # strict: ties keep the smaller width
             best_w, best_cost, best_exc = w, cost, count
     return best_w, best_exc
 
