@@ -229,13 +229,12 @@ def parse_lanes(buf: np.ndarray, layout: FloatLayout, expected_n: int | None = N
     exc_offsets = np.zeros(nb + 1, dtype=np.int64)
     np.cumsum(n_exc, out=exc_offsets[1:])
     if total_exc:
-        # Positions must address real values: a patch in the padding of the last block
-        # would write past the output.
-        block_of = np.repeat(np.arange(nb, dtype=np.int64), n_exc.astype(np.int64))
-        where = block_of * BLOCK + buf[exc_pos_at:exc_val_at]
-        if int(where.max()) >= n:
+        # A position byte addresses any value of a full block; only the last block may be
+        # short, and a patch in its padding would write past the output.
+        last = buf[exc_pos_at + int(exc_offsets[-2]) : exc_val_at]
+        if last.size and int(last.max()) >= n - (nb - 1) * BLOCK:
             raise CorruptData("an exception position lies past the last value; the chunk is corrupt")
-        if int(buf[exc_val_at:end].max()) > layout.exp_mask:
+        if layout.exp_bits < 8 and int(buf[exc_val_at:end].max()) > layout.exp_mask:
             raise CorruptData("an exception exponent does not fit the exponent field; the chunk is corrupt")
     return LanesPlan(n, base, widths, n_exc, code_offsets, exc_offsets, exc_pos_at, exc_val_at, planes_at)
 
