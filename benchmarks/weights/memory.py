@@ -33,7 +33,7 @@ HERE = Path(__file__).parent
 
 def build_checkpoint(path: Path, target_bytes: int) -> tuple[int, int]:
     """Write a bf16 safetensors file of about ``target_bytes``; return (bytes, largest tensor)."""
-    real = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(minilm_folder() / "model.safetensors").items()}
+    real = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(minilm_folder() / "model.safetensors").items() if v.is_floating_point()}
     per_copy = sum(t.numel() * 2 for t in real.values())
     copies = max(1, target_bytes // per_copy)
     header, at = {"__metadata__": {"format": "pt", "built_by": "benchmarks/weights/memory.py"}}, 0

@@ -38,7 +38,8 @@ def _bf16_folder(source: Path, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in CONFIG_FILES:
         shutil.copy2(source / name, target / name)
-    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(source / "model.safetensors").items()}
+    weights = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+               for k, v in load_file(source / "model.safetensors").items()}  # fmt: skip
     save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
     return target
 
@@ -89,7 +90,10 @@ def run_demo(workdir: Path, level: str = "fast") -> int:
     start = time.perf_counter()
     model = from_pretrained(packed)
     load_s = time.perf_counter() - start
-    same_weights = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    ours, theirs = model.state_dict(), reference.state_dict()
+    same_weights = ours.keys() == theirs.keys() and all(
+        ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs
+    )
     e_ref, e_twz = _embed(reference, tokenizer), _embed(model, tokenizer)
     same_output = torch.equal(e_ref, e_twz)
     cosine = torch.nn.functional.cosine_similarity(e_twz[0], e_twz[1], dim=0).item()

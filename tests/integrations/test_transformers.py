@@ -19,7 +19,7 @@ def test_compressed_minilm_loads_with_identical_weights(tmp_path, minilm_path):
     reference = transformers.AutoModel.from_pretrained(folder).eval()
     ours, theirs = model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def test_folder_without_shards(tmp_path):

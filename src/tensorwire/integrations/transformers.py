@@ -38,7 +38,10 @@ def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel
     transformers = require("transformers", "hf")
     config = transformers.AutoConfig.from_pretrained(folder, **config_kwargs)
     state = load_state_dict(folder, device=device)
-    model = getattr(transformers, auto_class).from_config(config).to(device)
+    # Build the model in the checkpoint's float dtype, as transformers' own loader does.
+    float_dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
+    dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else None
+    model = getattr(transformers, auto_class).from_config(config, dtype=dtype).to(device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
