@@ -59,7 +59,9 @@ def compress(array: Any, level: str = "fast") -> bytes:
     >>> bool((tensorwire.decompress(tensorwire.compress(x)) == x).all())
     True
     """
-    return EnecCodec(level=level).encode(array)
+    from .integrations.torch import as_numpy
+
+    return EnecCodec(level=level).encode(as_numpy(array))
 
 
 def decompress(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:

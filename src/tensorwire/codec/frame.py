@@ -18,7 +18,7 @@ from ..errors import BadMagic, ChecksumMismatch, CorruptData, Truncated, Unsuppo
 from .blocks import BLOCK
 from .chunks import LEVELS, Impl, Level, decode_chunk, encode_chunk
 from .dtypes import DTYPE_CODES, CODE_DTYPES, numpy_dtype, dtype_name_of
-from .planes import DTYPE_ITEMSIZE
+from .planes import DTYPE_ITEMSIZE, LAYOUTS
 
 __all__ = ["EnecCodec", "FRAME_MAGIC", "FRAME_VERSION", "DEFAULT_CHUNK_BYTES", "values_per_chunk"]
 
@@ -80,9 +80,12 @@ class EnecCodec:
             raise ValueError(f"config is not for {cls.codec_id}: {config}")
         return cls(**config)
 
-    def encode(self, array, impl: Impl = "cpu") -> bytes:
-        """Compress an array (numpy, including ml_dtypes bfloat16/float8, or torch) to a frame."""
-        arr = _as_numpy(array)
+    def encode(self, array: np.ndarray, impl: Impl = "cpu") -> bytes:
+        """Compress a numpy array (ml_dtypes bfloat16/float8 included) to a frame.
+
+        ``tensorwire.compress`` also takes torch tensors; the codec layer works on numpy only.
+        """
+        arr = np.asarray(array)
         name = dtype_name_of(arr.dtype)
         itemsize = DTYPE_ITEMSIZE[name]
         flat = np.ascontiguousarray(arr).reshape(-1)
@@ -170,19 +173,7 @@ def check_plausible(count: int, size: int, dtype: str) -> None:
 
 def max_values(size: int, dtype: str) -> int:
     # The densest stream spends at least one bit per value (Huffman) plus its raw bytes.
-    from .planes import LAYOUTS
-
     layout = LAYOUTS.get(dtype)
     if layout is None:
         return size // DTYPE_ITEMSIZE[dtype]
     return 8 * size
-
-
-def _as_numpy(array) -> np.ndarray:
-    if isinstance(array, np.ndarray):
-        return array
-    if type(array).__module__.startswith("torch"):
-        from ..integrations.torch import to_numpy
-
-        return to_numpy(array)
-    return np.asarray(array)

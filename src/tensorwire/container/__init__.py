@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 
 from ..codec.dtypes import dtype_name_of
 from ..codec.frame import DEFAULT_CHUNK_BYTES
@@ -13,16 +12,6 @@ from .reader import TwzFile
 from .writer import Writer, atomic_output
 
 __all__ = ["save_file", "load_file", "open", "TwzFile", "Writer", "atomic_output"]
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    if type(value).__module__.startswith("torch"):
-        from ..integrations.torch import to_numpy
-
-        return to_numpy(value)
-    raise TypeError(f"expected a numpy array or torch tensor, got {type(value).__name__}")
 
 
 def save_file(
@@ -44,7 +33,9 @@ def save_file(
     >>> tensorwire.load_file("/tmp/doc.twz")["w"].shape
     torch.Size([2, 3])
     """
-    arrays = {name: _to_numpy(t) for name, t in tensors.items()}
+    from ..integrations.torch import as_numpy
+
+    arrays = {name: as_numpy(t) for name, t in tensors.items()}
     with atomic_output(path) as f:
         writer = Writer(f, level=level, chunk_bytes=chunk_bytes)
         for name, arr in arrays.items():

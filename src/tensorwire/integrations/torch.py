@@ -7,7 +7,7 @@ import numpy as np
 from ..codec.dtypes import numpy_dtype
 from ..errors import UnsupportedDType, require
 
-__all__ = ["to_numpy", "from_numpy", "torch_dtype", "TORCH_NAMES"]
+__all__ = ["as_numpy", "to_numpy", "from_numpy", "torch_dtype", "TORCH_NAMES"]
 
 TORCH_NAMES = {
     "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
@@ -28,6 +28,15 @@ def torch_dtype(name: str):
     """The torch dtype of a safetensors dtype name."""
     torch = require("torch", "hf")
     return getattr(torch, {v: k for k, v in TORCH_NAMES.items()}[name])
+
+
+def as_numpy(value) -> np.ndarray:
+    """A numpy view of a numpy array or torch tensor; anything else through ``np.asarray``."""
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__module__.startswith("torch"):
+        return to_numpy(value)
+    return np.asarray(value)
 
 
 def to_numpy(tensor) -> np.ndarray:
