@@ -193,7 +193,7 @@ def parse_lanes(buf: np.ndarray, layout: FloatLayout, expected_n: int | None = N
     """Check a mode-1 chunk and compute its offsets (the prefix sums)."""
     if buf.size < HEADER.size:
         raise Truncated(f"chunk has {buf.size} bytes, fewer than its {HEADER.size}-byte header; the file is truncated")
-    mode, base, r0, r1, n, total_exc = HEADER.unpack_from(buf.tobytes()[: HEADER.size])
+    mode, base, r0, r1, n, total_exc = HEADER.unpack_from(buf[: HEADER.size].tobytes())
     if mode != MODE_LANES:
         raise FormatError(f"expected a mode-{MODE_LANES} chunk, found mode {mode}")
     if r0 or r1:
@@ -316,7 +316,7 @@ def decode_raw(buf: np.ndarray, itemsize: int, expected_n: int | None = None) ->
     """The raw bytes of a stored chunk, as uint8, after checking the header."""
     if buf.size < RAW_HEADER.size:
         raise Truncated(f"stored chunk has {buf.size} bytes, fewer than its header; the file is truncated")
-    mode, r0, r1, r2, n = RAW_HEADER.unpack_from(buf.tobytes()[: RAW_HEADER.size])
+    mode, r0, r1, r2, n = RAW_HEADER.unpack_from(buf[: RAW_HEADER.size].tobytes())
     if mode != MODE_RAW:
         raise FormatError(f"expected a stored (mode 0) chunk, found mode {mode}")
     if r0 or r1 or r2:
