@@ -60,10 +60,10 @@ def _refuse_overwrite(target: Path, force: bool) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .integrations.safetensors import compress_path
+    from .integrations.safetensors import compress_path, compressed_path
 
     src = Path(args.input)
-    target = Path(args.output) if args.output else (src.with_name(src.name + "-twz") if src.is_dir() else src.with_suffix(".twz"))
+    target = Path(args.output) if args.output else compressed_path(src)
     _refuse_overwrite(target, args.force)
     _threads(args.threads)
     size = _input_bytes(src, ".safetensors")
@@ -78,15 +78,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
-    from .integrations.safetensors import decompress_path
+    from .integrations.safetensors import decompress_path, restored_path
 
     src = Path(args.input)
-    if args.output:
-        target = Path(args.output)
-    elif src.is_dir():
-        target = src.with_name(src.name.removesuffix("-twz") + "-restored")
-    else:
-        target = src.with_suffix(".safetensors")
+    target = Path(args.output) if args.output else restored_path(src)
     _refuse_overwrite(target, args.force)
     _threads(args.threads)
     start = time.perf_counter()

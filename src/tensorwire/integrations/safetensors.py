@@ -32,6 +32,8 @@ __all__ = [
     "decompress_folder",
     "compress_path",
     "decompress_path",
+    "compressed_path",
+    "restored_path",
 ]
 
 Progress = Callable[[int], None]
@@ -211,14 +213,23 @@ def decompress_folder(src: Path, dst: Path, progress: Progress | None = None) ->
     return written
 
 
+def compressed_path(src: Path) -> Path:
+    """Where ``compress`` writes by default: ``X.safetensors`` → ``X.twz``, ``M/`` → ``M-twz/``."""
+    return src.with_name(src.name + "-twz") if src.is_dir() else src.with_suffix(".twz")
+
+
+def restored_path(src: Path) -> Path:
+    """Where ``decompress`` writes by default: ``X.twz`` → ``X.safetensors``, ``M-twz/`` → ``M-restored/``."""
+    return src.with_name(src.name.removesuffix("-twz") + "-restored") if src.is_dir() else src.with_suffix(".safetensors")
+
+
 def compress_path(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, **kwargs: Any) -> Path:
     """Compress a file (``X.safetensors`` → ``X.twz``) or a model folder (``M`` → ``M-twz``)."""
     src = Path(src)
+    target = Path(dst) if dst else compressed_path(src)
     if src.is_dir():
-        target = Path(dst) if dst else src.with_name(src.name + "-twz")
         compress_folder(src, target, **kwargs)
     else:
-        target = Path(dst) if dst else src.with_suffix(".twz")
         compress_file(src, target, **kwargs)
     return target
 
@@ -226,10 +237,9 @@ def compress_path(src: str | os.PathLike[str], dst: str | os.PathLike[str] | Non
 def decompress_path(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, **kwargs: Any) -> Path:
     """Decompress a file (``X.twz`` → ``X.safetensors``) or a folder (``M-twz`` → ``M``-restored)."""
     src = Path(src)
+    target = Path(dst) if dst else restored_path(src)
     if src.is_dir():
-        target = Path(dst) if dst else src.with_name(src.name.removesuffix("-twz") + "-restored")
         decompress_folder(src, target, **kwargs)
     else:
-        target = Path(dst) if dst else src.with_suffix(".safetensors")
         decompress_file(src, target, **kwargs)
     return target
