@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -33,7 +34,7 @@ __all__ = ["encode_lanes", "decode_lanes", "set_threads", "get_threads", "kernel
 
 GROUP = 16  # blocks per parallel task: amortises the per-task scratch allocation
 U8 = np.uint8
-_compile_lock = threading.Lock()
+compile_lock = threading.Lock()
 
 
 def set_threads(n: int) -> None:
@@ -246,18 +247,43 @@ def _choose_width(codes, exp_bits, acc, acc_words):
     return best_w, best_exc
 
 
+class LayoutConstants(NamedTuple):
+    """A layout's bit positions as typed scalars, for kernels to capture as compile-time constants."""
+
+    UT: type  # the unsigned word type
+    EXP_MASK: Any
+    MAN: Any
+    MAN_MASK: Any
+    SIGN: Any
+    REM_SHIFT: Any
+    REM: Any
+    REM_MASK: Any
+    CLEAR_EXP: Any
+    RB: int
+
+
+def layout_constants(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: int) -> LayoutConstants:
+    UT = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
+    return LayoutConstants(
+        UT=UT,
+        EXP_MASK=UT((1 << exp_bits) - 1),
+        MAN=UT(man_bits),
+        MAN_MASK=UT((1 << man_bits) - 1),
+        SIGN=UT(bits - 1),
+        REM_SHIFT=UT(8 * raw_bytes),
+        REM=U8(rem_bits),
+        REM_MASK=U8((1 << rem_bits) - 1),
+        CLEAR_EXP=UT(~(((1 << exp_bits) - 1) << man_bits) & ((1 << bits) - 1)),
+        RB=raw_bytes,
+    )
+
+
 @functools.cache
 def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: int) -> tuple[Kernels, Kernels]:
-    UT = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
-    EXP_MASK = UT((1 << exp_bits) - 1)
-    MAN = UT(man_bits)
-    MAN_MASK = UT((1 << man_bits) - 1)
-    SIGN = UT(bits - 1)
-    REM_SHIFT = UT(8 * raw_bytes)
-    REM = U8(rem_bits)
-    REM_MASK = U8((1 << rem_bits) - 1)
-    CLEAR_EXP = UT(~(((1 << exp_bits) - 1) << man_bits) & ((1 << bits) - 1))
-    RB = raw_bytes
+    # Unpacked into locals: numba captures closure values, not attribute lookups, as constants.
+    UT, EXP_MASK, MAN, MAN_MASK, SIGN, REM_SHIFT, REM, REM_MASK, CLEAR_EXP, RB = layout_constants(
+        bits, exp_bits, man_bits, raw_bytes, rem_bits
+    )
 
     def variant(PARALLEL: bool) -> Kernels:
         # Blocks per task: the serial build runs all blocks as one task. G also tells the two
@@ -396,7 +422,7 @@ SERIAL_BELOW = 64  # blocks; smaller chunks cost more to hand to threads than to
 
 def kernels(layout: FloatLayout, n_blocks: int = 0) -> Kernels:
     """The kernels for a layout: the parallel build for big chunks, the serial one otherwise."""
-    with _compile_lock:  # numba compiles once per layout; concurrent first calls would race
+    with compile_lock:  # numba compiles once per layout; concurrent first calls would race
         parallel, serial = _build(layout.bits, layout.exp_bits, layout.man_bits, layout.raw_bytes, layout.rem_bits)
     return parallel if n_blocks >= SERIAL_BELOW and numba.get_num_threads() > 1 else serial
 

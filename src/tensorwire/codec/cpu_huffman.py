@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from ..errors import CorruptData
 from .blocks import BLOCK, MODE_HUFFMAN, n_blocks
-from .cpu import _compile_lock
+from .cpu import compile_lock, layout_constants
 from .entropy import (
     HEADER,
     MAX_BLOCK_BYTES,
@@ -457,15 +457,9 @@ def _coding_passes(parallel: bool):
 
 @functools.cache
 def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: int) -> tuple[Kernels, Kernels]:
-    UT = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
-    EXP_MASK = UT((1 << exp_bits) - 1)
-    MAN = UT(man_bits)
-    MAN_MASK = UT((1 << man_bits) - 1)
-    SIGN = UT(bits - 1)
-    REM_SHIFT = UT(8 * raw_bytes)
-    REM = U8(rem_bits)
-    REM_MASK = U8((1 << rem_bits) - 1)
-    RB = raw_bytes
+    UT, EXP_MASK, MAN, MAN_MASK, SIGN, REM_SHIFT, REM, REM_MASK, _, RB = layout_constants(
+        bits, exp_bits, man_bits, raw_bytes, rem_bits
+    )
     SYMBOLS = 1 << (exp_bits + rem_bits)
 
     def variant(parallel: bool) -> Kernels:
@@ -559,7 +553,7 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
 
 def kernels(layout: FloatLayout, n_blocks: int = 0) -> Kernels:
     """The kernels for a layout: the parallel build for big chunks, the serial one otherwise."""
-    with _compile_lock:  # numba compiles once per layout; concurrent first calls would race
+    with compile_lock:  # numba compiles once per layout; concurrent first calls would race
         parallel, serial = _build(layout.bits, layout.exp_bits, layout.man_bits, layout.raw_bytes, layout.rem_bits)
     return parallel if n_blocks >= SERIAL_BELOW and numba.get_num_threads() > 1 else serial
 
