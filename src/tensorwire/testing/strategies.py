@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from ..codec.planes import LAYOUTS, FloatLayout
 
-__all__ = ["awkward_values", "raw_words", "weight_like"]
+__all__ = ["awkward_values", "raw_words", "weight_like", "kv_like", "kv_cache_data", "kv_caches"]
 
 
 def awkward_values(layout: FloatLayout) -> np.ndarray:
@@ -65,3 +65,42 @@ def raw_words(draw, layout_name: str | None = None, max_size: int = 2000):
             for i, w in enumerate(where):
                 words[w] = special[i % special.size]
     return layout, np.ascontiguousarray(words)
+
+
+def kv_like(batch: int, heads: int, tokens: int, head_dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values shaped like a RoPE model's cache (for correctness, never for ratios).
+
+    Keys get a few large-magnitude channels, as real K caches do; values are heavy-tailed.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (batch, heads, tokens, head_dim)
+    keys = rng.standard_t(4, size=shape).astype(np.float32)
+    outliers = rng.choice(head_dim, size=max(1, head_dim // 16), replace=False)
+    keys[..., outliers] *= 12.0
+    values = (rng.standard_t(3, size=shape) * 0.5).astype(np.float32)
+    return keys, values
+
+
+def kv_cache_data(n_layers: int, batch: int, heads: int, tokens: int, head_dim: int, seed: int = 0):
+    """A :class:`~tensorwire.kv.stage.KVCacheData` of :func:`kv_like` layers at positions 0..tokens-1."""
+    from ..kv.stage import KVCacheData, KVLayer
+
+    layers = []
+    for i in range(n_layers):
+        keys, values = kv_like(batch, heads, tokens, head_dim, seed + i)
+        positions = np.broadcast_to(np.arange(tokens, dtype=np.int64), (batch, heads, tokens)).copy()
+        layers.append(KVLayer(keys, values, positions))
+    return KVCacheData(layers, seq_len=tokens)
+
+
+@st.composite
+def kv_caches(draw, max_layers: int = 3, max_tokens: int = 70, head_dims=(8, 16, 64)):
+    """Small random caches of awkward shapes: 1 token, odd token counts, batch 1-2, 1-4 heads."""
+    return kv_cache_data(
+        draw(st.integers(1, max_layers)),
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, max_tokens)),
+        draw(st.sampled_from(head_dims)),
+        draw(st.integers(0, 2**16)),
+    )

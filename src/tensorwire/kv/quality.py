@@ -1,0 +1,277 @@
+"""Quality and speed of a KV pipeline on a real model and real text (``tensorwire kv eval``).
+
+For a context length ``L``, an :class:`Evaluator` prepares, once per process:
+
+* **perplexity windows**: ``windows`` stretches of ``L + continuation`` tokens spread over
+  the text. The prefix's KV cache is compressed; the continuation is scored with the
+  decoded cache and with the uncompressed one (same tokens, paired comparison).
+* **retrieval cases** (needle in a haystack): ``needles`` contexts of ``L`` tokens from the
+  text, each with one planted fact ``"The secret number of <name> is <5 digits>."`` at a
+  random depth; after the (compressed) context the model is asked for the number and
+  answers greedily. A case is correct when the answer starts with the exact digits.
+
+Both are prefilled with observation capture (for SnapKV) and kept in memory, so
+evaluating a pipeline costs its encode/decode plus short continuations: this is the
+objective the profiling engine calls many times.
+
+Measured per pipeline: compression ratio versus the bf16 cache bytes, perplexity and its
+relative increase, retrieval accuracy and its drop (points), relative reconstruction
+error of the kept keys and values, and encode/decode throughput (bytes of the bf16 cache
+per second, one thread, median over the windows after a warm-up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import TensorwireError
+from . import hf
+from .pipeline import Pipeline
+from .stage import KVCacheData
+
+__all__ = ["EvalSettings", "EvalResult", "Evaluator"]
+
+OBSERVE_WINDOW = 64  # queries captured per layer during prefill (SnapKV windows up to this)
+FIRST_NAMES = ("Mira", "Tobias", "Ilse", "Dario", "Nadia", "Oskar", "Leona", "Piet", "Sunniva", "Corwin",
+               "Hale", "Ysolde", "Bram", "Odile", "Fenna", "Quillon", "Rasmus", "Tamsin", "Ulric", "Veda")  # fmt: skip
+LAST_NAMES = ("Castellan", "Venn", "Marrow", "Quell", "Fenwick", "Lindqvist", "Ashdown", "Brantley", "Corvo",
+              "Dunmore", "Eskildsen", "Farrow", "Galloway", "Holmqvist", "Ingram", "Jessop")  # fmt: skip
+
+
+class EvaluationError(TensorwireError, ValueError):
+    """The evaluation cannot run as asked (text too short, bad settings)."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate on. ``text`` is any UTF-8 text file (WikiText-2 raw test by default)."""
+
+    text: str
+    context: int = 2048
+    continuation: int = 128
+    windows: int = 4
+    needles: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.context < 16 or self.continuation < 2 or self.windows < 1 or self.needles < 0:
+            raise EvaluationError(
+                f"need context >= 16, continuation >= 2, windows >= 1, needles >= 0; got {self}"
+            )
+
+
+@dataclass
+class EvalResult:
+    """Measurements of one pipeline (JSON-ready with :meth:`to_dict`)."""
+
+    pipeline: dict[str, Any]
+    ratio: float
+    payload_bytes: float
+    kv_bytes: int
+    ppl_base: float
+    ppl: float
+    ppl_increase: float
+    retrieval_base: float | None
+    retrieval: float | None
+    retrieval_drop: float | None
+    key_error: float
+    value_error: float
+    encode_bps: float | None
+    decode_bps: float | None
+    windows: int
+    needles: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Window:
+    cache: KVCacheData
+    continuation: np.ndarray  # token ids scored after the prefix
+    base_nll: np.ndarray  # per continuation token, with the uncompressed cache
+
+
+@dataclass
+class _Needle:
+    cache: KVCacheData
+    question: list[int]
+    answer: str
+    base_correct: bool
+
+
+class Evaluator:
+    """Evaluates pipelines on one model and one text; the uncompressed baselines are cached.
+
+    Example
+    -------
+    >>> model, tokenizer = hf.load_smollm2()                               # doctest: +SKIP
+    >>> ev = Evaluator(model, tokenizer, EvalSettings("wikitext-2-raw-test.txt"))  # doctest: +SKIP
+    >>> ev.evaluate(Pipeline.from_config({"stages": [{"id": "kivi", "k_bits": 4, "v_bits": 4}]}))  # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, settings: EvalSettings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.shape = hf.model_shape(model)
+        path = Path(settings.text)
+        if not path.is_file():
+            raise EvaluationError(f"text file {path} does not exist; pass a UTF-8 text file (e.g. WikiText-2 raw)")
+        text = path.read_text(encoding="utf-8")
+        self.text_id = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.tokens = np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+        need = settings.context + settings.continuation
+        if self.tokens.size < need * 2:
+            raise EvaluationError(f"the text has {self.tokens.size} tokens; need at least {need * 2} for context {settings.context}")
+        self._windows: list[_Window] | None = None
+        self._needles: list[_Needle] | None = None
+
+    # -- baselines -----------------------------------------------------------------------
+    def _prefill(self, ids) -> KVCacheData:
+        cache, observations = hf.prefill(self.model, ids, observe_window=OBSERVE_WINDOW)
+        return hf.cache_to_data(cache, observations)
+
+    def _continuation_nll(self, data: KVCacheData, continuation: np.ndarray) -> np.ndarray:
+        torch = hf._torch()
+        out = hf.forward(self.model, hf.data_to_cache(data), continuation)
+        logits = out.logits[0, :-1].float()
+        target = torch.as_tensor(continuation[1:])
+        return torch.nn.functional.cross_entropy(logits, target, reduction="none").numpy().astype(np.float64)
+
+    def windows(self, count: int | None = None) -> list[_Window]:
+        """The perplexity windows (prefilled on first use)."""
+        s = self.settings
+        if self._windows is None:
+            span = s.context + s.continuation
+            starts = np.linspace(0, self.tokens.size - span, s.windows).astype(np.int64)
+            self._windows = []
+            for start in starts:
+                prefix = self.tokens[start : start + s.context]
+                continuation = self.tokens[start + s.context : start + span]
+                data = self._prefill(prefix)
+                self._windows.append(_Window(data, continuation, self._continuation_nll(data, continuation)))
+        return self._windows[: count or len(self._windows)]
+
+    def needles(self, count: int | None = None) -> list[_Needle]:
+        """The retrieval cases (built and prefilled on first use)."""
+        s = self.settings
+        if self._needles is None:
+            rng = np.random.default_rng(s.seed + 1)
+            tok = self.tokenizer
+            self._needles = []
+            for _ in range(s.needles):
+                name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+                number = str(int(rng.integers(10000, 100000)))
+                needle = tok(f" The secret number of {name} is {number}.", add_special_tokens=False).input_ids
+                question = tok(f"\nWhat is the secret number of {name}? The secret number of {name} is",
+                               add_special_tokens=False).input_ids  # fmt: skip
+                start = int(rng.integers(0, self.tokens.size - s.context))
+                hay = self.tokens[start : start + s.context - len(needle)].tolist()
+                depth = int(rng.uniform(0.05, 0.9) * len(hay))
+                prefix = np.asarray(hay[:depth] + needle + hay[depth:], dtype=np.int64)
+                data = self._prefill(prefix)
+                case = _Needle(data, question, number, False)
+                case.base_correct = self._answer(data, case)
+                self._needles.append(case)
+        return self._needles[: s.needles if count is None else count]
+
+    def _answer(self, data: KVCacheData, case: _Needle) -> bool:
+        cache = hf.data_to_cache(data)
+        new = hf.generate(self.model, cache, case.question, max_new_tokens=4)
+        answer = self.tokenizer.decode(new).strip()
+        digits = re.match(r"\d+", answer)
+        return digits is not None and digits.group(0) == case.answer
+
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate(
+        self, pipeline: Pipeline, windows: int | None = None, needles: int | None = None, speed: bool = True
+    ) -> EvalResult:
+        """Measure ``pipeline``; ``windows``/``needles`` evaluate on the first few only (cheap pass)."""
+        from ..codec.cpu import get_threads, set_threads
+
+        began = time.perf_counter()
+        win = self.windows(windows)
+        cases = self.needles(needles)
+        threads = get_threads()
+        set_threads(1)
+        try:
+            if speed:  # warm-up: numba compiles on first use; never time that
+                Pipeline.decode_data(pipeline.encode(win[0].cache))
+            sizes, enc_t, dec_t, k_err, v_err, nll_base, nll = [], [], [], [], [], [], []
+            for w in win:
+                t0 = time.perf_counter()
+                payload = pipeline.encode(w.cache)
+                t1 = time.perf_counter()
+                decoded = Pipeline.decode_data(payload, expect=self._expect())
+                t2 = time.perf_counter()
+                sizes.append(len(payload))
+                enc_t.append(t1 - t0)
+                dec_t.append(t2 - t1)
+                ke, ve = reconstruction_error(w.cache, decoded)
+                k_err.append(ke)
+                v_err.append(ve)
+                nll.append(self._continuation_nll(decoded, w.continuation))
+                nll_base.append(w.base_nll)
+            correct = base_correct = 0
+            for case in cases:
+                decoded = Pipeline.decode_data(pipeline.encode(case.cache), expect=self._expect())
+                correct += self._answer(decoded, case)
+                base_correct += case.base_correct
+        finally:
+            set_threads(threads)
+        kv_bytes = win[0].cache.nbytes(2)
+        ppl_base = math.exp(float(np.mean(np.concatenate(nll_base))))
+        ppl = math.exp(float(np.mean(np.concatenate(nll))))
+        n_cases = len(cases)
+        retrieval_base = 100.0 * base_correct / n_cases if n_cases else None
+        retrieval = 100.0 * correct / n_cases if n_cases else None
+        payload_bytes = float(np.mean(sizes))
+        return EvalResult(
+            pipeline=pipeline.to_config(),
+            ratio=kv_bytes / payload_bytes,
+            payload_bytes=payload_bytes,
+            kv_bytes=kv_bytes,
+            ppl_base=ppl_base,
+            ppl=ppl,
+            ppl_increase=ppl / ppl_base - 1.0,
+            retrieval_base=retrieval_base,
+            retrieval=retrieval,
+            retrieval_drop=None if retrieval is None else retrieval_base - retrieval,
+            key_error=float(np.mean(k_err)),
+            value_error=float(np.mean(v_err)),
+            encode_bps=kv_bytes / statistics.median(enc_t) if speed else None,
+            decode_bps=kv_bytes / statistics.median(dec_t) if speed else None,
+            windows=len(win),
+            needles=n_cases,
+            seconds=time.perf_counter() - began,
+            extra={"context": self.settings.context, "continuation": self.settings.continuation, "text": self.text_id},
+        )
+
+    def _expect(self) -> dict[str, int]:
+        return {"n_layers": self.shape["n_layers"], "kv_heads": self.shape["kv_heads"], "head_dim": self.shape["head_dim"]}
+
+
+def reconstruction_error(original: KVCacheData, decoded: KVCacheData) -> tuple[float, float]:
+    """Relative L2 error of the kept keys and values (evicted tokens are not counted here)."""
+    num_k = den_k = num_v = den_v = 0.0
+    for ref, got in zip(original.layers, decoded.layers):
+        take = got.positions[..., None]  # the original cache holds every position, in order
+        k = np.take_along_axis(ref.keys, take, axis=2)
+        v = np.take_along_axis(ref.values, take, axis=2)
+        num_k += float(np.sum((got.keys - k) ** 2))
+        den_k += float(np.sum(k.astype(np.float64) ** 2))
+        num_v += float(np.sum((got.values - v) ** 2))
+        den_v += float(np.sum(v.astype(np.float64) ** 2))
+    return math.sqrt(num_k / max(den_k, 1e-30)), math.sqrt(num_v / max(den_v, 1e-30))
