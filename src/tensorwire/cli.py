@@ -26,6 +26,9 @@ examples:
   tensorwire verify model.twz                      # checksums + full decode
   tensorwire bench weights --json bench.json       # side-by-side with zstd, lz4, ZipNN, blosc
   tensorwire demo                                  # compress, verify and load a real model
+  tensorwire kv eval --pipeline kivi-2 --text wiki.txt   # KV ratio, perplexity, retrieval, speed
+  tensorwire explain profiles.json --tokens 4096 --gbps 10 --slo-ms 100   # which KV pipeline, and why
+  tensorwire simulate --library profiles.json      # controller vs baselines on bandwidth traces
 """
 
 
@@ -149,6 +152,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir), level=args.level)
 
 
+def cmd_kv_eval(args: argparse.Namespace) -> int:
+    from .kv import hf
+    from .kv.pipeline import Pipeline
+    from .kv.presets import resolve
+    from .kv.quality import EvalSettings, Evaluator
+
+    pipelines = [(spec, Pipeline.from_config(resolve(spec))) for spec in args.pipeline]
+    settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles, args.seed)
+    model, tokenizer = hf.load_smollm2()
+    evaluator = Evaluator(model, tokenizer, settings)
+    results = []
+    for spec, pipeline in pipelines:
+        result = evaluator.evaluate(pipeline)
+        results.append({"name": spec, **result.to_dict()})
+        if not args.quiet:
+            _print_eval(spec, result)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(settings), "results": results}, indent=2))
+    return 0
+
+
+def _print_eval(name: str, r) -> None:
+    retrieval = "-" if r.retrieval is None else f"{r.retrieval:.0f}% (base {r.retrieval_base:.0f}%)"
+    gbps = lambda v: "-" if v is None else f"{v / 1e9:.2f}"  # noqa: E731
+    print(
+        f"{name}: ratio {r.ratio:.2f}x  ppl {r.ppl:.3f} ({r.ppl_increase * 100:+.2f}%, base {r.ppl_base:.3f})  "
+        f"retrieval {retrieval}  key/value error {r.key_error:.4f}/{r.value_error:.4f}  "
+        f"encode {gbps(r.encode_bps)} GB/s  decode {gbps(r.decode_bps)} GB/s  [{r.seconds:.1f} s]"
+    )
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .control.explain import run_command
+
+    return run_command(args.library, tokens=args.tokens, kv_bytes=args.kv_bytes, bandwidth_gbps=args.gbps,
+                       slo_ms=args.slo_ms, max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop,
+                       workload=args.workload, latency_model=args.model, overhead_ms=args.overhead_ms,
+                       as_json=args.json)  # fmt: skip
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .control.simulate import run_command
+
+    return run_command(args.library, traces=args.trace, n_requests=args.requests, seeds=args.seeds,
+                       max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop, latency_model=args.model,
+                       json_path=args.json, png_path=args.png)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensorwire",
@@ -205,6 +256,49 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=7)
     b.add_argument("--threads", dest="threads_list", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
     b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("kv", help="KV-cache compression on a real model (SmolLM2-135M-Instruct)")
+    kv = p.add_subparsers(dest="kv_command", required=True, metavar="ACTION")
+    k = kv.add_parser("eval", help="ratio, perplexity, retrieval, error and speed of pipelines")
+    k.add_argument("--pipeline", action="append", required=True,
+                   help="a preset name (bf16, kivi-2, kivi-4, cachegen, snapkv-0.5, ...), JSON, or a JSON file; repeatable")
+    k.add_argument("--text", required=True, help="UTF-8 text file to evaluate on (e.g. WikiText-2 raw test)")
+    k.add_argument("--context", type=int, default=2048, help="prefix tokens whose KV cache is compressed")
+    k.add_argument("--continuation", type=int, default=128, help="tokens scored after the prefix")
+    k.add_argument("--windows", type=int, default=4, help="perplexity windows")
+    k.add_argument("--needles", type=int, default=50, help="retrieval cases (planted facts)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--json", help="write the results here")
+    k.add_argument("--quiet", action="store_true")
+    k.set_defaults(func=cmd_kv_eval)
+
+    p = sub.add_parser("explain", help="which KV pipeline the controller picks for a request, and why")
+    p.add_argument("library", help="profile library JSON (from the offline search)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tokens", type=int, help="context length (KV size from the library's model shape)")
+    size.add_argument("--kv-bytes", type=int, help="KV cache size in bytes")
+    p.add_argument("--gbps", type=float, required=True, help="link bandwidth, Gbit/s")
+    p.add_argument("--slo-ms", type=float, default=None, help="latency objective for the transfer, ms (default: none)")
+    p.add_argument("--max-ppl", type=float, default=float("inf"), help="max relative perplexity increase (0.01 = 1%%)")
+    p.add_argument("--max-drop", type=float, default=float("inf"), help="max retrieval accuracy drop, points")
+    p.add_argument("--workload", default="default", help="workload class")
+    p.add_argument("--model", choices=("pipelined", "serial"), default="pipelined", help="latency model")
+    p.add_argument("--overhead-ms", type=float, default=0.0, help="fixed per-request overhead, ms")
+    p.add_argument("--json", action="store_true", help="print the decision as JSON")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("simulate", help="the KV controller vs baselines and an oracle on bandwidth traces")
+    p.add_argument("--library", help="profile library JSON (default: a built-in placeholder, NOT measured)")
+    p.add_argument("--trace", nargs="+", default=["step", "walk", "bursty"],
+                   help="step, walk, bursty, or trace files (one Gbps value per line)")  # fmt: skip
+    p.add_argument("--requests", type=int, default=2000, help="requests per run (default 2000)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (one run per trace per seed)")
+    p.add_argument("--max-ppl", type=float, default=0.03, help="quality budget: max relative perplexity increase")
+    p.add_argument("--max-drop", type=float, default=2.0, help="quality budget: max retrieval drop, points")
+    p.add_argument("--model", choices=("pipelined", "serial"), default="pipelined", help="latency model")
+    p.add_argument("--json", help="write the full result (metrics + per-request series) here")
+    p.add_argument("--png", help="write the latency-over-time plot here")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="compress, verify and load a real model (the README's main job)")
     p.add_argument("--workdir", default="out/demo", help="where to write the files (default out/demo)")

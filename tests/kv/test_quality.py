@@ -1,0 +1,60 @@
+"""The evaluator on the real model with a short context (the full runs are benchmarks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tensorwire.cli import main
+from tensorwire.kv import Pipeline
+from tensorwire.kv.presets import resolve
+from tensorwire.kv.quality import EvalSettings, EvaluationError, Evaluator
+
+
+@pytest.fixture(scope="module")
+def evaluator(smollm2, sample_text):
+    model, tokenizer = smollm2
+    return Evaluator(model, tokenizer, EvalSettings(str(sample_text), context=128, continuation=16, windows=2, needles=3))
+
+
+def test_lossless_pipeline_changes_nothing(evaluator):
+    r = evaluator.evaluate(Pipeline.from_config(resolve("lossless")))
+    assert r.ppl == r.ppl_base and r.ppl_increase == 0.0
+    assert r.retrieval == r.retrieval_base and r.retrieval_drop == 0.0
+    assert r.key_error == 0.0 and r.value_error == 0.0
+    assert 0.5 < r.ratio < 1.0  # the float32 cache, losslessly coded, against bf16 bytes
+    assert r.encode_bps > 0 and r.decode_bps > 0 and r.windows == 2 and r.needles == 3
+
+
+def test_quantized_pipeline_trades_quality_for_ratio(evaluator):
+    two_bit = evaluator.evaluate(Pipeline.from_config({"stages": [{"id": "kivi", "k_bits": 2, "v_bits": 2, "group_size": 32, "residual": 32}]}))
+    eight_bit = evaluator.evaluate(Pipeline.from_config({"stages": [{"id": "kivi", "k_bits": 8, "v_bits": 8, "group_size": 32, "residual": 32}]}))
+    assert two_bit.ratio > eight_bit.ratio > 1.2
+    assert two_bit.key_error > eight_bit.key_error > 0
+    assert abs(eight_bit.ppl_increase) < abs(two_bit.ppl_increase) + 1e-9
+
+
+def test_cheap_pass_uses_fewer_windows_and_cases(evaluator):
+    r = evaluator.evaluate(Pipeline.from_config(resolve("bf16")), windows=1, needles=0, speed=False)
+    assert r.windows == 1 and r.needles == 0 and r.retrieval is None and r.encode_bps is None
+
+
+def test_bad_settings(smollm2, tmp_path, sample_text):
+    model, tokenizer = smollm2
+    with pytest.raises(EvaluationError, match="does not exist"):
+        Evaluator(model, tokenizer, EvalSettings(str(tmp_path / "missing.txt")))
+    with pytest.raises(EvaluationError, match="tokens"):
+        Evaluator(model, tokenizer, EvalSettings(str(sample_text), context=4096))
+    with pytest.raises(EvaluationError):
+        EvalSettings(str(sample_text), windows=0)
+
+
+def test_cli_kv_eval_writes_json(tmp_path, sample_text, smollm2):
+    out = tmp_path / "eval.json"
+    code = main(["kv", "eval", "--pipeline", "bf16", "--pipeline", '{"stages": [{"id": "zstd"}]}', "--text", str(sample_text),
+                 "--context", "64", "--continuation", "8", "--windows", "1", "--needles", "1", "--json", str(out), "--quiet"])  # fmt: skip
+    assert code == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in results][0] == "bf16" and len(results) == 2
+    assert results[1]["ppl_increase"] == 0.0  # zstd on the float32 cache is lossless
