@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -113,21 +114,21 @@ class Pipeline:
     def _of(self, kind: type) -> list:
         return [s for s in self.stages if isinstance(s, kind)]
 
-    @property
+    @cached_property
     def transforms(self) -> list[Transform]:
         return self._of(Transform)
 
-    @property
+    @cached_property
     def selector(self) -> Selector | None:
         found = self._of(Selector)
         return found[0] if found else None
 
-    @property
+    @cached_property
     def quantizer(self) -> Quantizer | None:
         found = self._of(Quantizer)
         return found[0] if found else None
 
-    @property
+    @cached_property
     def array_encoder(self) -> ArrayEncoder:
         found = self._of(ArrayEncoder)
         if found:
@@ -136,7 +137,7 @@ class Pipeline:
 
         return Raw()
 
-    @property
+    @cached_property
     def bytes_encoders(self) -> list[BytesEncoder]:
         return self._of(BytesEncoder)
 
@@ -167,8 +168,8 @@ class Pipeline:
         layers, positions, bitmap = self._select(data)
         bodies, tables = [], []
         for index, layer in enumerate(layers):
-            body, table = self.encode_layer(index, len(layers), layer.keys, layer.values)
-            bodies.append(body)
+            pieces, table = self.encode_layer(index, len(layers), layer.keys, layer.values)
+            bodies += pieces
             tables.append(table)
         kept = layers[0].keys.shape[2] if layers else data.seq_len
         header = {
@@ -214,8 +215,8 @@ class Pipeline:
         bitmap = _positions_bitmap(layers, data.seq_len)
         return layers, {"encoding": "bitmap", "nbytes": len(bitmap), "xxh3": xxhash.xxh3_64_hexdigest(bitmap)}, bitmap
 
-    def encode_layer(self, index: int, n_layers: int, keys: np.ndarray, values: np.ndarray) -> tuple[bytes, dict]:
-        """Encode one layer's (selected) keys and values; returns its bytes and its header entry."""
+    def encode_layer(self, index: int, n_layers: int, keys: np.ndarray, values: np.ndarray) -> tuple[list[bytes], dict]:
+        """Encode one layer's (selected) keys and values; returns its sections and its header entry."""
         keys = np.ascontiguousarray(keys, dtype=np.float32)
         values = np.ascontiguousarray(values, dtype=np.float32)
         for transform in self.transforms:
@@ -234,8 +235,10 @@ class Pipeline:
                 sizes.append(len(blob))
             pieces.append(blob)
             sections.append([name, dtype_name_of(plane.data.dtype), list(plane.data.shape), plane.bits, sizes])
-        body = b"".join(pieces)
-        return body, {"sections": sections, "xxh3": xxhash.xxh3_64_hexdigest(body)}
+        digest = xxhash.xxh3_64()
+        for piece in pieces:
+            digest.update(piece)
+        return pieces, {"sections": sections, "xxh3": digest.hexdigest()}
 
     # -- decoding ------------------------------------------------------------------------
     @staticmethod

@@ -57,8 +57,8 @@ class EvalSettings:
 
     text: str
     context: int = 2048
-    continuation: int = 128
-    windows: int = 4
+    continuation: int = 256
+    windows: int = 8
     needles: int = 50
     seed: int = 0
 
