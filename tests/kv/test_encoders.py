@@ -31,6 +31,7 @@ from tensorwire.kv.encoders.zstd import Zstd
 from tensorwire.kv.stage import ArrayEncoder, BytesEncoder, Plane, Stage, StageConfigError
 from tensorwire.registry import stage_class
 from tensorwire.testing.strategies import awkward_values
+from tensorwire.testing.strategies import kv_tensor as kv_like
 
 ARRAY_ENCODERS = [Raw(), Enec(level="fast"), Enec(level="max"), ANS(), ANS(context="none")]
 BYTES_ENCODERS = [Zstd(), Zstd(level=-5), Zstd(level=19), LZ4(), LZ4(level=9)]
@@ -49,19 +50,6 @@ bytes_encoders = pytest.mark.parametrize("encoder", BYTES_ENCODERS, ids=lambda e
 
 
 # ----------------------------------------------------------------------------- realistic test data
-
-
-def kv_like(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """Key-like float32 values: heavy tails, per-channel offsets, a few large-magnitude channels.
-
-    On the last axis (head_dim), like a real key cache: its statistics (entropy of 2-bit
-    per-token codes 1.5 bits, 1.2 per channel) are close to a SmolLM2 key layer's (1.46, 1.11).
-    """
-    rng = np.random.default_rng(seed)
-    x = rng.standard_t(3, size=shape).astype(np.float32) * 0.5
-    x += rng.normal(0.0, 1.5, shape[-1]).astype(np.float32)  # channels sit at different offsets
-    x[..., rng.choice(shape[-1], size=max(1, shape[-1] // 16), replace=False)] *= 8.0  # outlier channels
-    return x
 
 
 def quantize(x: np.ndarray, bits: int) -> np.ndarray:

@@ -16,14 +16,7 @@ from tensorwire.kv.stage import ObservationError
 from tensorwire.kv.selectors.streaming_llm import StreamingLLM
 from tensorwire.kv.selectors.topk import budget, top_k
 from tensorwire.kv.stage import KVCacheData, KVLayer, Observations, Selector, ShapeMismatch, Stage, StageConfigError
-
-
-def kv_like(rng: np.random.Generator, shape: tuple[int, ...], outliers: int = 2) -> np.ndarray:
-    """Heavy-tailed (Student t, 3 dof) data with a few large-magnitude channels, like real K caches."""
-    x = rng.standard_t(3, size=shape).astype(np.float32)
-    channels = rng.choice(shape[-1], size=min(outliers, shape[-1]), replace=False)
-    x[..., channels] *= 25.0
-    return x
+from tensorwire.testing.strategies import kv_tensor
 
 
 def make_cache(
@@ -40,11 +33,11 @@ def make_cache(
     rng = np.random.default_rng(seed)
     shape = (batch, kv_heads, tokens, head_dim)
     positions = np.broadcast_to(np.arange(tokens, dtype=np.int64), shape[:3]).copy()
-    layers = [KVLayer(kv_like(rng, shape), kv_like(rng, shape), positions) for _ in range(n_layers)]
+    layers = [KVLayer(kv_tensor(shape, rng), kv_tensor(shape, rng), positions) for _ in range(n_layers)]
     obs = None
     if observed is not None:
         w = min(observed, tokens)
-        obs = Observations([kv_like(rng, (batch, kv_heads * group, w, head_dim)) for _ in range(n_layers)])
+        obs = Observations([kv_tensor((batch, kv_heads * group, w, head_dim), rng) for _ in range(n_layers)])
     return KVCacheData(layers, seq_len=tokens, observations=obs)
 
 

@@ -10,14 +10,7 @@ from hypothesis import strategies as st
 from tensorwire.kv.stage import ShapeMismatch, Stage, StageConfigError, Transform
 from tensorwire.kv.transforms.hadamard import Hadamard, random_signs, rotation_matrix
 from tensorwire.kv.transforms.identity import Identity
-
-
-def kv_like(rng: np.random.Generator, shape: tuple[int, ...], outliers: int = 2) -> np.ndarray:
-    """Heavy-tailed (Student t, 3 dof) data with a few large-magnitude channels, like real K caches."""
-    x = rng.standard_t(3, size=shape).astype(np.float32)
-    channels = rng.choice(shape[-1], size=min(outliers, shape[-1]), replace=False)
-    x[..., channels] *= 25.0
-    return x
+from tensorwire.testing.strategies import kv_tensor
 
 
 shapes = st.tuples(
@@ -40,7 +33,7 @@ def test_config_round_trip(stage: Transform) -> None:
 
 def test_identity_returns_its_inputs() -> None:
     rng = np.random.default_rng(0)
-    k, v = kv_like(rng, (1, 2, 7, 64)), kv_like(rng, (1, 2, 7, 64))
+    k, v = kv_tensor((1, 2, 7, 64), rng), kv_tensor((1, 2, 7, 64), rng)
     assert Identity.lossless
     assert Identity().forward(3, k, v) == (k, v)
     assert Identity().inverse(3, k, v) == (k, v)
@@ -49,7 +42,7 @@ def test_identity_returns_its_inputs() -> None:
 @given(shape=shapes, seed=st.integers(0, 2**32), data_seed=st.integers(0, 2**16))
 def test_hadamard_round_trip_error_is_about_1e6(shape, seed, data_seed) -> None:
     rng = np.random.default_rng(data_seed)
-    keys, values = kv_like(rng, shape), kv_like(rng, shape)
+    keys, values = kv_tensor(shape, rng), kv_tensor(shape, rng)
     stage = Hadamard(seed=seed)
     rk, rv = stage.forward(0, keys, values)
     assert rk.dtype == rv.dtype == np.float32 and rk.shape == rv.shape == shape
@@ -64,7 +57,7 @@ def test_hadamard_round_trip_error_is_about_1e6(shape, seed, data_seed) -> None:
 @given(shape=shapes, seed=st.integers(0, 2**16))
 def test_hadamard_preserves_norms_and_dot_products(shape, seed) -> None:
     rng = np.random.default_rng(seed)
-    keys, queries = kv_like(rng, shape), kv_like(rng, shape)
+    keys, queries = kv_tensor(shape, rng), kv_tensor(shape, rng)
     rk, rq = Hadamard(seed=seed).forward(0, keys, queries)
     # Norms: key_norm selection gives the same answer before and after the rotation.
     np.testing.assert_allclose(np.linalg.norm(rk, axis=-1), np.linalg.norm(keys, axis=-1), rtol=1e-5)
@@ -95,7 +88,7 @@ def test_random_signs_are_frozen() -> None:
 
 
 def test_seed_changes_the_rotation() -> None:
-    x = kv_like(np.random.default_rng(1), (1, 1, 7, 64))
+    x = kv_tensor((1, 1, 7, 64), np.random.default_rng(1))
     a = Hadamard(seed=1).forward(0, x, x)[0]
     b = Hadamard(seed=2).forward(0, x, x)[0]
     assert not np.allclose(a, b)
@@ -104,7 +97,7 @@ def test_seed_changes_the_rotation() -> None:
 
 def test_keys_and_values_flags() -> None:
     rng = np.random.default_rng(2)
-    k, v = kv_like(rng, (2, 3, 7, 64)), kv_like(rng, (2, 3, 7, 64))
+    k, v = kv_tensor((2, 3, 7, 64), rng), kv_tensor((2, 3, 7, 64), rng)
     fk, fv = Hadamard(keys=False).forward(0, k, v)
     assert fk is k and not np.allclose(fv, v)
     fk, fv = Hadamard(values=False).forward(0, k, v)
@@ -116,7 +109,7 @@ def test_keys_and_values_flags() -> None:
 
 def test_hadamard_commutes_with_token_selection() -> None:
     rng = np.random.default_rng(3)
-    k = kv_like(rng, (2, 3, 300, 64))
+    k = kv_tensor((2, 3, 300, 64), rng)
     idx = np.sort(rng.permutation(300)[:40])
     stage = Hadamard(seed=9)
     np.testing.assert_array_equal(stage.forward(0, k[:, :, idx], k[:, :, idx])[0], stage.forward(0, k, k)[0][:, :, idx])
@@ -147,7 +140,7 @@ def test_hadamard_spreads_an_outlier_channel() -> None:
 
 
 def test_hadamard_accepts_other_float_dtypes() -> None:
-    x = kv_like(np.random.default_rng(5), (1, 1, 7, 8)).astype(np.float16)
+    x = kv_tensor((1, 1, 7, 8), np.random.default_rng(5)).astype(np.float16)
     k, v = Hadamard().forward(0, x, x.astype(np.float64))
     assert k.dtype == v.dtype == np.float32
 
