@@ -120,14 +120,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", required=True)
     parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--continuation", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--needles", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--peers", help="JSON results of peers run elsewhere (e.g. kvpress in its own venv) to merge")
+    parser.add_argument("--library-from", metavar="KV_JSON",
+                        help="only write results/profiles.json from an earlier run's kv.json, then stop")
     args = parser.parse_args()
+    if args.library_from:
+        write_library(json.loads(Path(args.library_from).read_text()), Path(args.out) / "profiles.json")
+        return 0
 
     from tensorwire.kv import Pipeline, hf
     from tensorwire.kv.quality import EvalSettings, Evaluator
@@ -159,12 +164,39 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "settings": vars(settings) | {"repeats": args.repeats, "model": "SmolLM2-135M-Instruct"},
+    result = {"machine": machine(), "settings": vars(settings) | {"repeats": args.repeats, "model": "SmolLM2-135M-Instruct",
+                                                                 "shape": evaluator.shape},
               "data": {"text": args.text, "text_sha256_16": evaluator.text_id}, "rows": rows}  # fmt: skip
     (out / "kv.json").write_text(json.dumps(result, indent=2))
+    write_library(result, out / "profiles.json")
     plot(rows, out / "kv_ratio_quality.png")
     print(table(rows))
     return 0
+
+
+def write_library(result: dict, path: Path) -> None:
+    """Every measured method with a pipeline and speeds as a profile library (kv/profiles.py).
+
+    The controller then chooses among the methods measured here, on this machine; the
+    offline search (benchmarks/search) writes a Pareto-filtered library of the same format.
+    """
+    import re
+
+    from tensorwire.kv.profiles import ModelShape, Profile, ProfileLibrary
+
+    profiles = []
+    for row in result["rows"]:
+        if "encode_gbps" not in row or row.get("retrieval_drop") is None or row["ratio"] <= 1.05:
+            continue  # not measured here, or no smaller than raw: the controller has raw already
+        name = re.sub(r"[^a-z0-9.]+", "-", row["name"].lower()).strip("-")
+        profiles.append(Profile(name=name, pipeline=row["pipeline"], ratio=row["ratio"], ppl_increase=row["ppl_increase"],
+                                retrieval_drop=row["retrieval_drop"], encode_bps=row["encode_gbps"] * 1e9,
+                                decode_bps=row["decode_gbps"] * 1e9, threads=1))  # fmt: skip
+    # Results written before "shape" was recorded are all SmolLM2-135M's (the only model run here).
+    shape = result["settings"].get("shape") or {"n_layers": 30, "kv_heads": 3, "head_dim": 64}
+    model = ModelShape(result["settings"]["model"], shape["n_layers"], shape["kv_heads"], shape["head_dim"], "BF16")
+    machine = result["machine"] | {"source": "benchmarks/kv/run.py", "settings": result["settings"]}
+    ProfileLibrary(model, tuple(profiles), machine).save(path)
 
 
 def table(rows: list[dict]) -> str:
