@@ -22,6 +22,7 @@ def test_lossless_pipeline_changes_nothing(evaluator):
     r = evaluator.evaluate(Pipeline.from_config(resolve("lossless")))
     assert r.ppl == r.ppl_base and r.ppl_increase == 0.0
     assert r.retrieval == r.retrieval_base and r.retrieval_drop == 0.0
+    assert r.retrieval_base > 0  # the uncompressed model finds planted facts in a short context
     assert r.key_error == 0.0 and r.value_error == 0.0
     assert 0.5 < r.ratio < 1.0  # the float32 cache, losslessly coded, against bf16 bytes
     assert r.encode_bps > 0 and r.decode_bps > 0 and r.windows == 2 and r.needles == 3

@@ -41,6 +41,9 @@ from .stage import KVCacheData
 __all__ = ["EvalSettings", "EvalResult", "Evaluator"]
 
 OBSERVE_WINDOW = 64  # queries captured per layer during prefill (SnapKV windows up to this)
+# SmolLM2's tokenizer spells numbers digit by digit: " 77965" is 6 tokens, so the answer
+# needs at least that many new tokens; 8 leaves room for a leading space or newline.
+ANSWER_TOKENS = 8
 FIRST_NAMES = ("Mira", "Tobias", "Ilse", "Dario", "Nadia", "Oskar", "Leona", "Piet", "Sunniva", "Corwin",
                "Hale", "Ysolde", "Bram", "Odile", "Fenna", "Quillon", "Rasmus", "Tamsin", "Ulric", "Veda")  # fmt: skip
 LAST_NAMES = ("Castellan", "Venn", "Marrow", "Quell", "Fenwick", "Lindqvist", "Ashdown", "Brantley", "Corvo",
@@ -57,8 +60,8 @@ class EvalSettings:
 
     text: str
     context: int = 2048
-    continuation: int = 256
-    windows: int = 8
+    continuation: int = 128
+    windows: int = 4
     needles: int = 50
     seed: int = 0
 
@@ -189,7 +192,7 @@ class Evaluator:
 
     def _answer(self, data: KVCacheData, case: _Needle) -> bool:
         cache = hf.data_to_cache(data)
-        new = hf.generate(self.model, cache, case.question, max_new_tokens=4)
+        new = hf.generate(self.model, cache, case.question, max_new_tokens=ANSWER_TOKENS)
         answer = self.tokenizer.decode(new).strip()
         digits = re.match(r"\d+", answer)
         return digits is not None and digits.group(0) == case.answer
