@@ -29,6 +29,7 @@ examples:
   tensorwire kv eval --pipeline kivi-2 --text wiki.txt   # KV ratio, perplexity, retrieval, speed
   tensorwire explain profiles.json --tokens 4096 --gbps 10 --slo-ms 100   # which KV pipeline, and why
   tensorwire simulate --library profiles.json      # controller vs baselines on bandwidth traces
+  tensorwire profile --text wiki.txt --trials 60 --workers 2   # offline search -> profiles.json + Pareto plot
 """
 
 
@@ -149,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _threads(args.threads)
-    return run_demo(Path(args.workdir), level=args.level)
+    return run_demo(Path(args.workdir), level=args.level, kv_library=args.kv_library and Path(args.kv_library))
 
 
 def cmd_kv_eval(args: argparse.Namespace) -> int:
@@ -198,6 +199,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return run_command(args.library, traces=args.trace, n_requests=args.requests, seeds=args.seeds,
                        max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop, latency_model=args.model,
                        json_path=args.json, png_path=args.png)  # fmt: skip
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .search.objectives import Budget
+    from .search.study import ProfileSettings, run_profile
+
+    settings = ProfileSettings(args.text, context=args.context, continuation=args.continuation, windows=args.windows,
+                               needles=args.needles, trials=args.trials, storage=args.storage, study_name=args.study_name,
+                               workers=args.workers, out=args.out, png=args.png, seed=args.seed, sampler=args.sampler,
+                               budget=Budget(args.max_ppl_increase, args.max_retrieval_drop))  # fmt: skip
+    run_profile(settings, log=None if args.quiet else print)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a preset name (bf16, kivi-2, kivi-4, cachegen, snapkv-0.5, ...), JSON, or a JSON file; repeatable")
     k.add_argument("--text", required=True, help="UTF-8 text file to evaluate on (e.g. WikiText-2 raw test)")
     k.add_argument("--context", type=int, default=2048, help="prefix tokens whose KV cache is compressed")
-    k.add_argument("--continuation", type=int, default=256, help="tokens scored after the prefix")
-    k.add_argument("--windows", type=int, default=8, help="perplexity windows")
+    k.add_argument("--continuation", type=int, default=128, help="tokens scored after the prefix")
+    k.add_argument("--windows", type=int, default=4, help="perplexity windows")
     k.add_argument("--needles", type=int, default=50, help="retrieval cases (planted facts)")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--json", help="write the results here")
@@ -300,9 +313,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="write the latency-over-time plot here")
     p.set_defaults(func=cmd_simulate)
 
+    p = sub.add_parser("profile", help="offline Bayesian search of KV pipelines -> profile library + Pareto plot")
+    p.add_argument("--text", required=True, help="UTF-8 text file to measure on (e.g. WikiText-2 raw test)")
+    p.add_argument("--context", type=int, default=2048, help="prefix tokens whose KV cache is compressed")
+    p.add_argument("--continuation", type=int, default=128, help="tokens scored after the prefix")
+    p.add_argument("--windows", type=int, default=4, help="perplexity windows of the full evaluation (the cheap pass uses 1)")
+    p.add_argument("--needles", type=int, default=20, help="retrieval cases of the full evaluation")
+    p.add_argument("--trials", type=int, default=60, help="trials to add to the study (all workers together)")
+    p.add_argument("--storage", help="optuna storage URL shared by the workers (default: sqlite:///OUT.db)")
+    p.add_argument("--study-name", default="tensorwire-profile", help="study to create or join")
+    p.add_argument("--workers", type=int, default=1, help="search processes on this machine")
+    p.add_argument("--out", default="profiles.json", help="profile library to write (default profiles.json)")
+    p.add_argument("--png", help="write the Pareto plot here")
+    p.add_argument("--max-ppl-increase", type=float, default=0.03, help="quality budget: relative perplexity increase")
+    p.add_argument("--max-retrieval-drop", type=float, default=2.0, help="quality budget: retrieval drop, points")
+    p.add_argument("--sampler", choices=("tpe", "gp", "random"), default="tpe", help="optuna sampler (default tpe)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (worker i uses seed + i) and text sampling seed")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
     p = sub.add_parser("demo", help="compress, verify and load a real model (the README's main job)")
     p.add_argument("--workdir", default="out/demo", help="where to write the files (default out/demo)")
     p.add_argument("--level", choices=("fast", "max"), default="fast")
+    p.add_argument("--kv-library", metavar="PROFILES_JSON",
+                   help="also run the KV part: SmolLM2's cache through the profile the controller picks from this library")
     common(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -54,7 +54,61 @@ def _embed(model, tokenizer):
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-def run_demo(workdir: Path, level: str = "fast") -> int:
+DATA = Path(__file__).parent / "data"
+SAMPLE_TEXT = DATA / "river_town.txt"  # original prose written for tensorwire
+KV_QUESTION = "\n\nQuestion: Who designed the stone bridge, and how many arches does it have?\nAnswer:"
+
+
+def run_kv_demo(console, library: Path, link_gbps: float = 1.0, slo_ms: float = 50.0) -> bool:
+    """KV part of the demo: prefill SmolLM2 on the sample text, let the controller pick a
+    profile for the link, send the cache through it, and continue generation from it."""
+    from .control import RAW, Controller, RequestContext, gbps
+    from .control.explain import format_text
+    from .kv import Pipeline, hf
+    from .kv.presets import PRESETS
+    from .kv.profiles import ProfileLibrary
+
+    model, tokenizer = hf.load_smollm2()
+    ids = tokenizer(SAMPLE_TEXT.read_text()).input_ids
+    question = tokenizer(KV_QUESTION, add_special_tokens=False).input_ids
+    cache, observations = hf.prefill(model, ids, observe_window=64)
+    reference = hf.cache_to_data(cache, observations)
+    kv_bytes = reference.nbytes(2)
+    console.print(f"[bold]6. KV cache[/]: SmolLM2-135M-Instruct prefilled {len(ids)} tokens of {SAMPLE_TEXT.name}: "
+                  f"{kv_bytes:,} bytes as bf16")  # fmt: skip
+
+    profiles = ProfileLibrary.load(library)
+    controller = Controller(profiles)
+    context = RequestContext(tokens=len(ids), slo_s=slo_ms / 1e3, max_ppl_increase=0.01, max_retrieval_drop=2.0,
+                             bandwidth_bps=gbps(link_gbps))  # fmt: skip
+    decision = controller.choose(context, explore=False)
+    console.print(f"[bold]7. controller[/] ({library.name}, link {link_gbps:g} Gbit/s, SLO {slo_ms:g} ms, "
+                  f"budget +1% perplexity, -2 points retrieval):")  # fmt: skip
+    console.print(format_text(decision), markup=False, highlight=False)
+    config = PRESETS["bf16"] if decision.choice == RAW else profiles[decision.choice].pipeline
+    pipeline = Pipeline.from_config(config)
+
+    start = time.perf_counter()
+    payload = pipeline.encode(reference)
+    encoded = time.perf_counter()
+    decoded = Pipeline.decode(payload, expect={k: v for k, v in hf.model_shape(model).items() if k != "q_heads"})
+    decode_s = time.perf_counter() - encoded
+    positions_kept = decoded.seq_len == len(ids)  # generation must go on at the original RoPE positions
+    console.print(f"[bold]8. send[/]: {pipeline!r}: {len(payload):,} bytes, ratio {kv_bytes / len(payload):.2f}x; "
+                  f"encode {(encoded - start) * 1e3:.0f} ms, decode {decode_s * 1e3:.0f} ms, "
+                  f"transfer at {link_gbps:g} Gbit/s {len(payload) * 8 / link_gbps / 1e6:.1f} ms "
+                  f"(raw bf16: {kv_bytes * 8 / link_gbps / 1e6:.1f} ms)")  # fmt: skip
+
+    answers = []
+    for source in (hf.data_to_cache(reference), decoded):
+        new = hf.generate(model, source, question, max_new_tokens=24, eos_token_id=tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip().split("\n")[0])
+    console.print(f"[bold]9. continue[/]: from the original cache: {answers[0]!r}")
+    console.print(f"              from the received cache: {answers[1]!r} (same answer: {answers[0] == answers[1]})")
+    return positions_kept
+
+
+def run_demo(workdir: Path, level: str = "fast", kv_library: Path | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from rich.console import Console
@@ -100,5 +154,7 @@ def run_demo(workdir: Path, level: str = "fast") -> int:
     console.print(f"[bold]5. load[/]: transformers model from {packed} in {load_s:.2f} s; weights identical: "
                   f"{same_weights}; embeddings identical: {same_output} (cosine of the two sentences {cosine:.4f})")  # fmt: skip
     ok = report.ok and same and same_weights and same_output
+    if kv_library is not None:
+        ok = run_kv_demo(console, kv_library) and ok
     console.print("[bold green]all checks passed[/]" if ok else "[bold red]a check failed[/]")
     return 0 if ok else 1

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-SAMPLE_TEXT = Path(__file__).parent / "data" / "river_town.txt"  # original prose written for these tests
+from tensorwire.demo import SAMPLE_TEXT  # original prose written for tensorwire (no licence strings attached)
 
 
 @pytest.fixture(scope="session")
