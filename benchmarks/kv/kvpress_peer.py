@@ -16,8 +16,11 @@ answer) runs with the press removed, from the original sequence's RoPE positions
 pressed cache is shorter than the prefix, so its ``seq_len`` is set to the prefix length
 (kept keys already carry their RoPE rotation, so their own positions are not needed).
 
-The uncompressed baseline is measured in the same run with a plain ``Evaluator``.
+The uncompressed baseline is measured in the same run, by the same evaluator without a press.
 Ratio is bf16 bytes of the full cache over bf16 bytes of what the press kept.
+Needle answers are generated with ``--answer-tokens`` (8) new tokens, for the baseline
+and every press alike: SmolLM2 spells a number digit by digit (" 77965" is 6 tokens), so the
+4 tokens ``Evaluator._answer`` allowed when this was written can never hold the answer.
 Reconstruction error is not measured (kvpress keeps exact float32 entries and does not
 report which positions it kept), so ``key_error``/``value_error`` are ``null``.
 """
@@ -30,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,8 +56,12 @@ def presses(compression_ratio: float) -> dict:
     }
 
 
-def pressed_evaluator_class():
-    """An :class:`Evaluator` whose prefills run under a kvpress press (built lazily: imports torch)."""
+def evaluator_classes(answer_tokens: int):
+    """``(BaselineEvaluator, PressedEvaluator)``: Evaluators answering with ``answer_tokens`` tokens.
+
+    Built lazily (imports torch and transformers). ``PressedEvaluator`` prefills under a
+    kvpress press.
+    """
     import torch
     import transformers
 
@@ -61,7 +69,20 @@ def pressed_evaluator_class():
     from tensorwire.kv.quality import Evaluator
     from tensorwire.kv.stage import KVCacheData
 
-    class PressedEvaluator(Evaluator):
+    class BaselineEvaluator(Evaluator):
+        """The stock evaluator, with room for the whole numeric answer."""
+
+        def _answer(self, data: KVCacheData, case) -> bool:
+            # Same rule as Evaluator._answer (greedy, first run of digits must equal the
+            # number), only with enough new tokens for a digit-by-digit 5-digit number.
+            new = hf.generate(self.model, hf.data_to_cache(data), case.question, max_new_tokens=answer_tokens)
+            digits = re.match(r"\d+", self.tokenizer.decode(new).strip())
+            # Each case is answered once, right after its prefill, and never re-evaluated here:
+            # drop its cache so that memory holds one case, not 50 (94 MB each at 2048 tokens).
+            case.cache = None
+            return digits is not None and digits.group(0) == case.answer
+
+    class PressedEvaluator(BaselineEvaluator):
         """Prefill under ``press``; the cached windows and cases then hold the pressed results.
 
         ``Evaluator.windows()`` scores each continuation right after ``_prefill`` and
@@ -91,7 +112,7 @@ def pressed_evaluator_class():
             # them) and unused by hf.forward, so the placeholder 0..kept-1 stays.
             return KVCacheData(data.layers, seq_len=int(input_ids.shape[1]), dtype=data.dtype)
 
-    return PressedEvaluator
+    return BaselineEvaluator, PressedEvaluator
 
 
 def measure(evaluator) -> dict:
@@ -131,6 +152,8 @@ def main() -> int:
     parser.add_argument("--needles", type=int, default=50)
     parser.add_argument("--compression-ratio", type=float, default=COMPRESSION_RATIO,
                         help="kvpress compression_ratio: fraction of the prefix's KV pairs evicted")  # fmt: skip
+    parser.add_argument("--answer-tokens", type=int, default=8,
+                        help="new tokens generated for a needle answer (a 5-digit number is 6 SmolLM2 tokens)")  # fmt: skip
     parser.add_argument("--out", default=str(HERE / "results" / "kvpress.json"))
     args = parser.parse_args()
 
@@ -141,26 +164,46 @@ def main() -> int:
     transformers.utils.logging.disable_progress_bar()
 
     from tensorwire.kv import hf
-    from tensorwire.kv.quality import EvalSettings, Evaluator
+    from tensorwire.kv.quality import EvalSettings
 
+    baseline_evaluator, pressed_evaluator = evaluator_classes(args.answer_tokens)
     model, tokenizer = hf.load_smollm2()
     settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles)
-    base_ev = Evaluator(model, tokenizer, settings)
-    base = measure(base_ev)
-    text_id = base_ev.text_id
-    del base_ev  # its full-precision caches (about 5 GB at 54 x 2048 tokens) are no longer needed
-    # bf16 bytes of the full cache of one prefix (every window and case has `context` tokens).
-    full_tokens = args.context
+    config = vars(settings) | {"model": "SmolLM2-135M-Instruct", "compression_ratio": args.compression_ratio,
+                               "answer_tokens": args.answer_tokens}  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Each evaluator takes tens of minutes on a busy 2-core machine: progress is saved after
+    # each one and a rerun with the same settings resumes from it.
+    checkpoint = out.with_suffix(out.suffix + ".tmp")
+    done = json.loads(checkpoint.read_text()) if checkpoint.exists() else {}
+    if done.get("settings") != config:
+        done = {"settings": config, "rows": []}
+    elif done.get("baseline"):
+        print(f"resuming from {checkpoint}: baseline and {len(done['rows'])} presses done", file=sys.stderr)
+
+    def save() -> None:
+        checkpoint.write_text(json.dumps(done, indent=2, allow_nan=False))
+
+    if not done.get("baseline"):
+        base_ev = baseline_evaluator(model, tokenizer, settings)
+        done["baseline"] = measure(base_ev) | {"text": base_ev.text_id}
+        del base_ev
+        save()
+    base = done["baseline"]
+    text_id = base["text"]
     print(f"baseline: ppl {base['ppl']:.4f} retrieval {base['retrieval']} ({base['seconds']:.0f} s)", file=sys.stderr)
 
-    pressed_evaluator = pressed_evaluator_class()
-    rows = []
+    rows = done["rows"]
     for name, press in presses(args.compression_ratio).items():
-        ev = None  # release the previous press's caches before prefilling the next
+        if any(row["name"] == name for row in rows):
+            continue
         ev = pressed_evaluator(model, tokenizer, settings, press)
         got = measure(ev)
         kept = float(np.mean(ev.kept))
-        ratio = full_tokens / kept  # bf16 full / bf16 kept: same dtype, layers, heads and head_dim
+        # Every window and case has `context` tokens; full and kept caches have the same
+        # dtype, layers, heads and head_dim, so the bf16 byte ratio is a token ratio.
+        ratio = args.context / kept
         row = {
             "name": name,
             "family": FAMILY,
@@ -180,22 +223,21 @@ def main() -> int:
             "extra": {"kept_tokens_mean": kept, "kept_tokens_min": int(min(ev.kept)), "kept_tokens_max": int(max(ev.kept)),
                       "context": args.context, "continuation": args.continuation, "text": text_id},
         }  # fmt: skip
+        del ev
         rows.append(row)
+        save()
         print(f"  {name}: ratio {ratio:.2f} ppl {got['ppl']:.4f} ({row['ppl_increase'] * 100:+.2f}%) "
               f"retrieval {got['retrieval']} ({got['seconds']:.0f} s)", file=sys.stderr)  # fmt: skip
 
     result = {
         "machine": machine(),
-        "settings": vars(settings) | {"model": "SmolLM2-135M-Instruct", "compression_ratio": args.compression_ratio},
+        "settings": config,
         "data": {"text": args.text, "text_sha256_16": text_id},
         "baseline": base,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
-    os.replace(tmp, out)
+    out.write_text(json.dumps(result, indent=2, allow_nan=False))
+    checkpoint.unlink()
     print(table(rows))
     return 0
 
