@@ -172,6 +172,7 @@ class ANS(ArrayEncoder):
 
     context: Literal["none", "column"] = "column"
     id: ClassVar[str] = "ans"
+    search_space: ClassVar[dict[str, tuple]] = {"context": ("column", "none")}  # offline search candidates
 
     def __post_init__(self) -> None:
         self.check(self.context in CONTEXTS, f"context must be one of {list(CONTEXTS)}, got {self.context!r}")

@@ -80,6 +80,7 @@ class Enec(ArrayEncoder):
 
     level: Level = "max"
     id: ClassVar[str] = "enec"
+    search_space: ClassVar[dict[str, tuple]] = {"level": ("fast", "max")}  # offline search candidates
 
     def __post_init__(self) -> None:
         self.check(self.level in LEVELS, f"level must be one of {list(LEVELS)}, got {self.level!r}")

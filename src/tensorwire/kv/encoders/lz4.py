@@ -48,6 +48,7 @@ class LZ4(BytesEncoder):
 
     level: int = 0
     id: ClassVar[str] = "lz4"
+    search_space: ClassVar[dict[str, tuple]] = {"level": (0, 9)}  # offline search candidates
 
     def __post_init__(self) -> None:
         self.check(

@@ -156,6 +156,7 @@ class Raw(ArrayEncoder):
     """
 
     id: ClassVar[str] = "raw"
+    search_space: ClassVar[dict[str, tuple]] = {}  # joins the offline search; no parameters
 
     def encode(self, plane: Plane) -> bytes:
         values, name = plane_values(plane)

@@ -68,6 +68,7 @@ class Zstd(BytesEncoder):
 
     level: int = 3
     id: ClassVar[str] = "zstd"
+    search_space: ClassVar[dict[str, tuple]] = {"level": (1, 3, 9)}  # offline search candidates
 
     def __post_init__(self) -> None:
         self.check(

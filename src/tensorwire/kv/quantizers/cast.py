@@ -36,6 +36,7 @@ infinity, and one NaN would make its head's scale NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import ml_dtypes
 import numpy as np
@@ -90,6 +91,8 @@ class Cast(Quantizer):
     """
 
     id = "cast"
+    # Offline search candidates; F32 is left out: it is the pipeline without a quantizer.
+    search_space: ClassVar[dict[str, tuple]] = {"dtype": ("BF16", "F16", "F8_E4M3")}
 
     dtype: str = "BF16"
 

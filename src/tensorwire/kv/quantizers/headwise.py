@@ -33,6 +33,7 @@ bound: KIVI's, with each group's own scale (low-bit heads have the larger scales
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -87,6 +88,10 @@ class HeadwiseMixed(Quantizer):
     """
 
     id = "headwise"
+    # Offline search candidates (tensorwire.search).
+    search_space: ClassVar[dict[str, tuple]] = {
+        "high_bits": (4, 6, 8), "low_bits": (2, 3), "high_fraction": (0.25, 0.5), "score": ("key_outlier", "variance"),
+    }  # fmt: skip
 
     high_bits: int = 4
     low_bits: int = 2

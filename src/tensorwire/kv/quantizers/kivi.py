@@ -35,7 +35,7 @@ quantizer (``headwise``) has two.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -200,6 +200,10 @@ class KIVI(Quantizer):
     """
 
     id = "kivi"
+    # Offline search candidates (tensorwire.search).
+    search_space: ClassVar[dict[str, tuple]] = {
+        "k_bits": (2, 3, 4, 6, 8), "v_bits": (2, 3, 4, 6, 8), "group_size": (32, 64), "residual": (32, 128),
+    }  # fmt: skip
 
     k_bits: int = 2
     v_bits: int = 2

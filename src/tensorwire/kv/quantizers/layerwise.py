@@ -16,6 +16,7 @@ smaller width, so the larger bound).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -47,6 +48,10 @@ class LayerwiseBits(Quantizer):
     """
 
     id = "layerwise"
+    # Offline search candidates (tensorwire.search).
+    search_space: ClassVar[dict[str, tuple]] = {
+        "early_bits": (4, 6, 8), "late_bits": (2, 3, 4), "early_fraction": (0.25, 0.5),
+    }  # fmt: skip
 
     early_bits: int = 4
     late_bits: int = 2

@@ -36,6 +36,7 @@ Non-finite input, and groups beyond float16 parameters (a minimum below -65504, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -100,6 +101,10 @@ class Uniform(Quantizer):
     """
 
     id = "uniform"
+    # Offline search candidates (tensorwire.search).
+    search_space: ClassVar[dict[str, tuple]] = {
+        "bits": (2, 3, 4, 6, 8), "group_size": (32, 64), "axis": ("token", "channel"),
+    }  # fmt: skip
 
     bits: int = 4
     group_size: int = 32

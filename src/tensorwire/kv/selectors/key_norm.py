@@ -9,6 +9,7 @@ importance that needs neither queries nor attention weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class KeyNorm(Selector):
     keep_fraction: float
 
     id = "key_norm"
+    search_space: ClassVar[dict[str, tuple]] = {"keep_fraction": (0.25, 0.5, 0.7, 0.9)}  # offline search candidates
 
     def __post_init__(self) -> None:
         self.check(valid_fraction(self.keep_fraction), f"keep_fraction must be in (0, 1], got {self.keep_fraction!r}")

@@ -117,6 +117,7 @@ class SnapKV(Selector):
     kernel: int = 5
 
     id = "snapkv"
+    search_space: ClassVar[dict[str, tuple]] = {"keep_fraction": (0.25, 0.5, 0.7, 0.9)}  # offline search candidates
     needs_observations: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ token order, so every layer and head keeps the same tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class StreamingLLM(Selector):
     sinks: int = 4
 
     id = "streaming_llm"
+    search_space: ClassVar[dict[str, tuple]] = {"keep_fraction": (0.25, 0.5, 0.7, 0.9)}  # offline search candidates
 
     def __post_init__(self) -> None:
         self.check(valid_fraction(self.keep_fraction), f"keep_fraction must be in (0, 1], got {self.keep_fraction!r}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 
@@ -90,6 +91,8 @@ class Hadamard(Transform):
     values: bool = True
 
     id = "hadamard"
+    # Offline search (tensorwire.search): keys hold the outlier channels, so they are always rotated.
+    search_space: ClassVar[dict[str, tuple]] = {"values": (True, False)}
 
     def __post_init__(self) -> None:
         self.check(

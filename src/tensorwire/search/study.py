@@ -1,0 +1,524 @@
+"""The study driver: multi-objective Bayesian search over the strategy space, with optuna.
+
+One trial = one candidate pipeline drawn from the :class:`~.space.SearchSpace`:
+
+1. **Build** it (``Pipeline.from_config``). A candidate that a skip rule names, or whose
+   stages reject their parameters (``StageConfigError``), is pruned at once: it costs a
+   trial, not an evaluation.
+2. **Seen before?** A config some finished trial of the study (any worker) already
+   measured is answered from that trial (``user_attrs["duplicate_of"]``): no evaluation.
+3. **Cheap pass** (``cheap_first``): one window, no retrieval cases. The trial stops
+   there (``user_attrs["stopped"]``, the cheap values returned) when the perplexity
+   increase is over ``slack x`` the budget, or when an already fully measured feasible
+   trial dominates it even after the cheap values are made ``slack`` times more
+   optimistic (quality loss / slack, throughput x slack, ratio x 1.02).
+4. **Full pass**: every window and retrieval case.
+
+Both fidelities are kept on the trial (``user_attrs["cheap"]``, ``["full"]``, plain
+dicts of :class:`~.objectives.Measurement`), with ``"fidelity"`` naming the one its values
+come from and ``"constraints"`` (<= 0: within the :class:`~.objectives.Budget`), also set
+as optuna constraints (``trial.set_constraint``), which the samplers read.
+
+Sampler: ``"tpe"`` (default): optuna's multi-objective TPE with ``multivariate=True,
+group=True``, which models the conditional parameters jointly per branch of the space,
+with the quality budget as constraints. ``"gp"`` (optuna's GPSampler, logEHVI with
+constraints) is available, but it models only the parameters every trial shares and
+samples the conditional ones at random, so on this space it is not the default.
+``"random"``: the baseline.
+
+Storage: any optuna storage URL (``sqlite:///profiles.db``, ``postgresql://...``); several
+processes on several machines search one study when they give the same URL and study
+name (``load_if_exists``). SQLite waits up to 60 s on a lock instead of failing.
+
+Example
+-------
+>>> search = ProfileSearch(SearchSpace.from_registry(), EvaluatorMeasure(evaluator),  # doctest: +SKIP
+...                        storage="sqlite:///profiles.db", study_name="smollm2")
+>>> search.optimize(n_trials=40)                                                        # doctest: +SKIP
+>>> search.library(ModelShape("SmolLM2-135M-Instruct", 30, 3, 64)).save("profiles.json")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import TensorwireError
+from ..kv.profiles import ModelShape, Profile, ProfileLibrary
+from .objectives import DIRECTIONS, OBJECTIVES, Budget, EvaluatorMeasure, Measure, Measurement
+from .pareto import pareto_mask, plot_pareto
+from .space import CandidateRejected, SearchSpace, config_key, optuna_module
+
+__all__ = [
+    "SAMPLERS",
+    "ProfileSearch",
+    "ProfileSettings",
+    "SearchError",
+    "create_study",
+    "library_from_study",
+    "make_sampler",
+    "open_storage",
+    "plot_study",
+    "profile_name",
+    "run_profile",
+]
+
+SAMPLERS = ("tpe", "gp", "random")
+MODEL_NAME = "SmolLM2-135M-Instruct"  # the model tensorwire.kv.hf.load_smollm2 loads
+CONSTRAINTS = ("ppl_increase", "retrieval_drop")  # optuna constraint names, in Budget.constraints order
+
+
+class SearchError(TensorwireError, RuntimeError):
+    """The search cannot run as asked (a study of another shape, a worker that failed, ...)."""
+
+
+# -- optuna plumbing ------------------------------------------------------------------------
+def make_sampler(name: str = "tpe", seed: int | None = None, n_startup_trials: int = 10):
+    """An optuna sampler by name: ``"tpe"``, ``"gp"`` or ``"random"`` (see the module docstring)."""
+    optuna = optuna_module()
+    if name == "tpe":
+        with warnings.catch_warnings():  # `group` is marked experimental (it has been since optuna 2.8)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials, warn_independent_sampling=False)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SearchError(f"sampler {name!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+
+
+def open_storage(url: str | None):
+    """An optuna storage for ``url`` (None: in memory). SQLite waits on locks (several workers)."""
+    optuna = optuna_module()
+    if url is None:
+        return None
+    if url.startswith("sqlite:"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return url
+
+
+def create_study(storage: str | None = None, study_name: str = "tensorwire-profile", sampler: Any = None):
+    """Create, or load when it exists, a study with the three objectives of :mod:`.objectives`."""
+    optuna = optuna_module()
+    study = optuna.create_study(storage=open_storage(storage), study_name=study_name, directions=list(DIRECTIONS),
+                                sampler=sampler, load_if_exists=True)  # fmt: skip
+    found = [d.name.lower() for d in study.directions]
+    if found != list(DIRECTIONS):
+        raise SearchError(f"study {study_name!r} in {storage} optimises {found}; a profile search needs "
+                          f"{list(DIRECTIONS)} ({', '.join(OBJECTIVES)}). Use another --study-name.")  # fmt: skip
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # experimental since optuna 3.2, still there in 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVES))
+    return study
+
+
+# -- the driver -----------------------------------------------------------------------------
+class ProfileSearch:
+    """Search one study: draw candidates from ``space``, measure them with ``measure``.
+
+    Parameters
+    ----------
+    space : SearchSpace
+        Where candidates come from.
+    measure : callable
+        ``measure(pipeline, fidelity) -> Measurement`` with fidelity ``"cheap"`` or
+        ``"full"`` (:class:`~.objectives.EvaluatorMeasure` on a real model).
+    storage, study_name : str
+        optuna storage URL (None: in memory) and study name; an existing study is joined.
+    budget : Budget, optional
+        Quality budget (optuna constraints; also the cheap pass's threshold); default
+        ``Budget()``: ppl_increase <= 0.03, retrieval_drop <= 2 points.
+    sampler : str or optuna sampler
+        ``"tpe"`` (default), ``"gp"``, ``"random"``, or a sampler object.
+    seed : int, optional
+        Sampler seed (give each worker its own).
+    cheap_first : bool
+        Screen each candidate with the cheap fidelity first (default True).
+    slack : float
+        How much better than its cheap estimate a candidate may turn out (> 1).
+    n_startup_trials : int
+        Random trials before the model-based sampler starts.
+    worker : str, optional
+        Recorded on every trial this process runs (``user_attrs["worker"]``); default
+        ``"<hostname>:<pid>"``.
+    """
+
+    def __init__(self, space: SearchSpace, measure: Measure, *, storage: str | None = None,
+                 study_name: str = "tensorwire-profile", budget: Budget | None = None, sampler: Any = "tpe",
+                 seed: int | None = None, cheap_first: bool = True, slack: float = 2.0,
+                 n_startup_trials: int = 10, worker: str | None = None):  # fmt: skip
+        if not slack >= 1.0:
+            raise SearchError(f"slack is {slack!r}; it must be >= 1 (1: trust the cheap pass exactly)")
+        self.space = space
+        self.measure = measure
+        self.budget = budget if budget is not None else Budget()
+        self.cheap_first = cheap_first
+        self.slack = slack
+        if isinstance(sampler, str):
+            sampler = make_sampler(sampler, seed, n_startup_trials)
+        self.study = create_study(storage, study_name, sampler)
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self.evaluations = 0  # measure() calls made by this process
+        self._known: dict[str, int] = {}  # config key -> number of a finished trial that measured it
+        self._scan_from = 0  # trials before this number are finished and already in _known
+
+    # -- one trial ---------------------------------------------------------------------------
+    def objective(self, trial) -> tuple[float, float, float]:
+        optuna = optuna_module()
+        trial.set_user_attr("worker", self.worker)
+        config = self.space.suggest(trial)
+        try:
+            pipeline = self.space.build(config)
+        except CandidateRejected as exc:
+            trial.set_user_attr("pipeline", config)
+            trial.set_user_attr("rejected", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        key = config_key(pipeline)
+        trial.set_user_attr("pipeline", pipeline.to_config())
+        trial.set_user_attr("key", key)
+        prior = self._find(key)
+        if prior is not None:
+            for name in ("fidelity", "cheap", "full", "stopped"):
+                if name in prior.user_attrs:
+                    trial.set_user_attr(name, prior.user_attrs[name])
+            trial.set_user_attr("duplicate_of", prior.number)
+            trial.set_user_attr("evaluations", 0)
+            # Constraints from the measurement under this search's budget (a resumed study may have another).
+            measured = Measurement.from_dict(prior.user_attrs[prior.user_attrs["fidelity"]])
+            self._constrain(trial, self.budget.constraints(measured))
+            return tuple(prior.values)
+        try:
+            if self.cheap_first:
+                cheap = self._measure(pipeline, "cheap")
+                trial.set_user_attr("cheap", cheap.to_dict())
+                reason = self._screen(cheap)
+                if reason is not None:
+                    trial.set_user_attr("stopped", reason)
+                    return self._finish(trial, cheap, evaluations=1)
+            full = self._measure(pipeline, "full")
+        except TensorwireError as exc:  # the stages cannot run on this model's cache
+            trial.set_user_attr("rejected", f"failed: {type(exc).__name__}: {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
+        trial.set_user_attr("full", full.to_dict())
+        return self._finish(trial, full, evaluations=2 if self.cheap_first else 1)
+
+    def _measure(self, pipeline, fidelity: str) -> Measurement:
+        self.evaluations += 1
+        return self.measure(pipeline, fidelity)  # type: ignore[arg-type]
+
+    def _finish(self, trial, m: Measurement, evaluations: int) -> tuple[float, float, float]:
+        trial.set_user_attr("fidelity", m.fidelity)
+        trial.set_user_attr("evaluations", evaluations)
+        self._constrain(trial, list(self.budget.constraints(m)))
+        return m.values()
+
+    @staticmethod
+    def _constrain(trial, values: Sequence[float]) -> None:
+        # optuna's samplers read trial.constraints (<= 0: feasible); the copy in user_attrs
+        # lets a repeat of this config, in any worker, copy them.
+        trial.set_user_attr("constraints", list(values))
+        for name, value in zip(CONSTRAINTS, values):
+            trial.set_constraint(name, value)
+
+    def _find(self, key: str):
+        """A finished trial of the study (any worker) that measured ``key``, or None."""
+        optuna = optuna_module()
+        trials = self.study.get_trials(deepcopy=False)  # ordered by number
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+        start, self._scan_from = self._scan_from, None
+        for t in trials[start:]:
+            if t.state not in finished:
+                self._scan_from = t.number if self._scan_from is None else self._scan_from
+                continue
+            if t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs:
+                k = t.user_attrs.get("key")
+                if k is not None:
+                    self._known.setdefault(k, t.number)
+        if self._scan_from is None:
+            self._scan_from = len(trials)
+        number = self._known.get(key)
+        if number is None:
+            return None
+        return trials[number] if number < len(trials) and trials[number].number == number else next(
+            t for t in trials if t.number == number)
+
+    def _screen(self, cheap: Measurement) -> str | None:
+        """Why the cheap pass is enough for this candidate, or None to measure it fully."""
+        limit = self.budget.max_ppl_increase
+        if limit > 0 and cheap.ppl_increase > self.slack * limit:
+            return (f"over budget at the cheap fidelity: ppl_increase {cheap.ppl_increase:.4f} > "
+                    f"{self.slack:g} x {limit:g}")  # fmt: skip
+        if cheap.retrieval_drop is not None and cheap.retrieval_drop > self.slack * max(self.budget.max_retrieval_drop, 1.0):
+            return f"over budget at the cheap fidelity: retrieval_drop {cheap.retrieval_drop:.1f} points"
+        ratio, loss, speed = cheap.values()
+        hope = (ratio + math.log2(1.02), loss / self.slack if loss > 0 else loss, speed + math.log10(self.slack))
+        for t in self.full_trials(feasible=True):
+            v = t.values
+            if v[0] >= hope[0] and v[1] <= hope[1] and v[2] >= hope[2] and tuple(v) != hope:
+                return f"dominated at the cheap fidelity by trial {t.number}, even with slack {self.slack:g}"
+        return None
+
+    # -- running -------------------------------------------------------------------------------
+    def optimize(self, n_trials: int | None = None, *, until_total: int | None = None, timeout: float | None = None,
+                 callbacks: Iterable[Callable] = (), show_progress_bar: bool = False) -> None:  # fmt: skip
+        """Run trials: ``n_trials`` more in this process, and/or until the study (all
+        workers) holds ``until_total`` finished trials."""
+        optuna = optuna_module()
+        callbacks = list(callbacks)
+        if until_total is not None:
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+            if len(self.study.get_trials(deepcopy=False, states=states)) >= until_total:
+                return
+            callbacks.append(optuna.study.MaxTrialsCallback(until_total, states=states))
+            n_trials = n_trials if n_trials is not None else until_total
+        self.study.optimize(self.objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks,
+                            catch=(), gc_after_trial=False, show_progress_bar=show_progress_bar)  # fmt: skip
+
+    # -- results -------------------------------------------------------------------------------
+    def full_trials(self, feasible: bool = False) -> list:
+        return full_trials(self.study, self.budget if feasible else None)
+
+    def pareto_trials(self) -> list:
+        """The feasible, fully measured trials on the 3-D Pareto front (one per config)."""
+        return pareto_trials(self.study, self.budget)
+
+    def library(self, model: ModelShape, machine: Mapping[str, Any] | None = None, threads: int = 1) -> ProfileLibrary:
+        return library_from_study(self.study, model, self.budget, machine, threads)
+
+
+def full_trials(study, budget: Budget | None = None) -> list:
+    """Completed trials measured at full fidelity (not duplicates), feasible under ``budget`` if given."""
+    optuna = optuna_module()
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("fidelity") != "full" or "duplicate_of" in t.user_attrs:
+            continue
+        if budget is not None and not budget.feasible(Measurement.from_dict(t.user_attrs["full"])):
+            continue
+        out.append(t)
+    return out
+
+
+def pareto_trials(study, budget: Budget) -> list:
+    """Feasible full-fidelity trials on the Pareto front, with a ratio above 1.
+
+    A ratio <= 1 never beats sending the cache raw (ratio 1, no loss, no codec time), so
+    such pipelines are left out, whatever their other objectives.
+    """
+    trials = [t for t in full_trials(study, budget) if t.values[0] > 0]
+    if not trials:
+        return []
+    mask = pareto_mask(np.array([t.values for t in trials]), DIRECTIONS)
+    return [t for t, keep in zip(trials, mask) if keep]
+
+
+def profile_name(config: Mapping[str, Any]) -> str:
+    """A readable, unique name for a pipeline config: stage ids with their non-default parameters.
+
+    >>> profile_name({"stages": [{"id": "kivi", "k_bits": 4, "v_bits": 2, "group_size": 32, "residual": 128}, {"id": "zstd", "level": 3}]})
+    'kivi:k_bits=4/zstd'
+    """
+    import dataclasses
+
+    from ..registry import stage_class
+
+    parts = []
+    for stage in config["stages"]:
+        klass = stage_class(stage["id"])
+        defaults = {f.name: f.default for f in dataclasses.fields(klass) if f.default is not dataclasses.MISSING}
+        params = [f"{k}={v}" for k, v in stage.items() if k != "id" and (k not in defaults or defaults[k] != v)]
+        parts.append(stage["id"] + (":" + ",".join(params) if params else ""))
+    return "/".join(parts)
+
+
+def library_from_study(study, model: ModelShape, budget: Budget, machine: Mapping[str, Any] | None = None,
+                       threads: int = 1) -> ProfileLibrary:  # fmt: skip
+    """The feasible 3-D Pareto set of ``study`` as a profile library (``kv/profiles.py`` format).
+
+    Each profile holds the full-fidelity measurement; its ``extra`` adds the objectives,
+    the reconstruction errors, the trial number and the cheap-pass measurement.
+    """
+    chosen = pareto_trials(study, budget)
+    if not chosen:
+        raise SearchError(f"study {study.study_name!r} has no fully measured pipeline within the budget "
+                          f"(ppl_increase <= {budget.max_ppl_increase}, retrieval_drop <= {budget.max_retrieval_drop}) "
+                          "that compresses (ratio > 1); run more trials or loosen the budget")  # fmt: skip
+    chosen.sort(key=lambda t: -t.values[0])
+    profiles, names = [], set()
+    for t in chosen:
+        m = Measurement.from_dict(t.user_attrs["full"])
+        name = base = profile_name(t.user_attrs["pipeline"])
+        n = 2
+        while name in names:
+            name, n = f"{base}#{n}", n + 1
+        names.add(name)
+        extra = {
+            "quality_loss": m.quality_loss, "codec_bps": m.codec_bps, "key_error": m.key_error,
+            "value_error": m.value_error, "ppl_base": m.ppl_base, "retrieval_base": m.retrieval_base,
+            "measured": {"windows": m.windows, "needles": m.needles}, "trial": t.number,
+            "cheap": t.user_attrs.get("cheap"),
+        }  # fmt: skip
+        profiles.append(Profile(name=name, pipeline=t.user_attrs["pipeline"], ratio=m.ratio, ppl_increase=m.ppl_increase,
+                                retrieval_drop=0.0 if m.retrieval_drop is None else m.retrieval_drop,
+                                encode_bps=m.encode_bps, decode_bps=m.decode_bps, threads=threads, extra=extra))  # fmt: skip
+    info = dict(machine or study.user_attrs.get("machine") or {})
+    info.setdefault("source", f"tensorwire.search: study {study.study_name!r}, {len(study.trials)} trials, "
+                              f"budget ppl_increase <= {budget.max_ppl_increase}, retrieval_drop <= {budget.max_retrieval_drop}")  # fmt: skip
+    info.setdefault("search", {"study": study.study_name, "trials": len(study.trials), "budget": asdict(budget),
+                               "settings": study.user_attrs.get("settings")})  # fmt: skip
+    return ProfileLibrary(model, tuple(profiles), info)
+
+
+def plot_study(study, path: str, budget: Budget, title: str = "") -> None:
+    """Pareto plot (ratio vs ppl increase, colour = codec throughput) of the full-fidelity trials."""
+    trials = full_trials(study)
+    if not trials:
+        raise SearchError(f"study {study.study_name!r} has no fully measured trial to plot")
+    ms = [Measurement.from_dict(t.user_attrs["full"]) for t in trials]
+    front = {t.number for t in pareto_trials(study, budget)}
+    plot_pareto([m.ratio for m in ms], [m.ppl_increase for m in ms], [m.codec_bps for m in ms],
+                [t.number in front for t in trials], path, max_ppl_increase=budget.max_ppl_increase,
+                title=title or f"{study.study_name}: {len(trials)} pipelines measured, {len(front)} on the Pareto set")  # fmt: skip
+
+
+# -- the `tensorwire profile` job -------------------------------------------------------------
+@dataclass(frozen=True)
+class ProfileSettings:
+    """Everything ``tensorwire profile`` runs with (picklable: it travels to the workers)."""
+
+    text: str
+    context: int = 2048
+    continuation: int = 128
+    windows: int = 4
+    needles: int = 20
+    trials: int = 60
+    storage: str | None = None  # default: sqlite next to `out`
+    study_name: str = "tensorwire-profile"
+    workers: int = 1
+    out: str = "profiles.json"
+    png: str | None = None
+    budget: Budget = field(default_factory=Budget)
+    seed: int = 0
+    sampler: str = "tpe"
+    cheap_first: bool = True
+    threads: int = 1  # Profile.threads: threads a pipeline runs on when serving
+
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        return "sqlite:///" + str(Path(self.out).resolve().with_suffix(".db"))
+
+
+def _machine() -> dict[str, Any]:
+    from ..benchmarking.weights import machine_info
+
+    info = machine_info()
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info.setdefault("versions", {})["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover - torch is in the kv extra
+        pass
+    info.setdefault("versions", {})["optuna"] = optuna_module().__version__
+    return info
+
+
+def _worker(settings: ProfileSettings, index: int, until_total: int) -> None:
+    """One search process: load the model, prefill, and run trials until the study is full."""
+    from ..kv import hf
+    from ..kv.quality import EvalSettings, Evaluator
+
+    torch = hf._torch()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, settings.workers)))
+    model, tokenizer = hf.load_smollm2()
+    evaluator = Evaluator(model, tokenizer, EvalSettings(settings.text, settings.context, settings.continuation,
+                                                         settings.windows, settings.needles, settings.seed))  # fmt: skip
+    search = ProfileSearch(SearchSpace.from_registry(), EvaluatorMeasure(evaluator), storage=settings.storage_url(),
+                           study_name=settings.study_name, budget=settings.budget, sampler=settings.sampler,
+                           seed=settings.seed + index, cheap_first=settings.cheap_first)  # fmt: skip
+    shape = hf.model_shape(model)
+    attrs = search.study.user_attrs
+    if "model" not in attrs:
+        # dtype BF16: the evaluator's ratios and throughputs are against the bf16 cache bytes.
+        search.study.set_user_attr("model", {"name": MODEL_NAME, "n_layers": shape["n_layers"], "kv_heads": shape["kv_heads"],
+                                             "head_dim": shape["head_dim"], "dtype": "BF16"})  # fmt: skip
+        search.study.set_user_attr("settings", {**asdict(settings), "text_sha256_16": evaluator.text_id})
+        search.study.set_user_attr("machine", _machine())
+    search.optimize(until_total=until_total)
+
+
+def run_profile(settings: ProfileSettings, log: Callable[[str], None] | None = print) -> ProfileLibrary:
+    """Run the search (``settings.workers`` processes on one study) and write the library.
+
+    Returns the library written to ``settings.out`` (and the plot to ``settings.png``).
+    """
+    optuna = optuna_module()
+    if settings.workers < 1 or settings.trials < 1:
+        raise SearchError(f"need workers >= 1 and trials >= 1, got {settings.workers} and {settings.trials}")
+    if settings.sampler not in SAMPLERS:
+        raise SearchError(f"sampler {settings.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    url = settings.storage_url()
+    study = create_study(url, settings.study_name)
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                            optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)))  # fmt: skip
+    target = finished + settings.trials
+    if log:
+        log(f"study {settings.study_name!r} at {url}: {finished} finished trials, running to {target} "
+            f"with {settings.workers} worker(s)")  # fmt: skip
+    began = time.perf_counter()
+    if settings.workers == 1:
+        _worker(settings, 0, target)
+    else:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch/numba threads
+        procs = [ctx.Process(target=_worker, args=(settings, i, target), name=f"tensorwire-profile-{i}")
+                 for i in range(settings.workers)]  # fmt: skip
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
+        if failed:
+            raise SearchError(f"search worker(s) failed: {failed}; their trials stay in {url} (re-run to resume)")
+    study = create_study(url, settings.study_name)
+    model = ModelShape.from_dict(study.user_attrs["model"])
+    library = library_from_study(study, model, settings.budget, threads=settings.threads)
+    library.save(settings.out)
+    if settings.png:
+        plot_study(study, settings.png, settings.budget)
+    if log:
+        log(summary(study, settings.budget, library, time.perf_counter() - began))
+    return library
+
+
+def summary(study, budget: Budget, library: ProfileLibrary, seconds: float | None = None) -> str:
+    """A short text report of a study and the library taken from it."""
+    optuna = optuna_module()
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    dup = sum("duplicate_of" in t.user_attrs for t in trials)
+    stopped = sum("stopped" in t.user_attrs and "duplicate_of" not in t.user_attrs for t in trials)
+    rejected = sum("rejected" in t.user_attrs for t in trials)
+    lines = [f"{len(trials)} trials ({states['complete']} complete, {states['pruned']} pruned: {rejected} skipped/invalid), "
+             f"{len(full_trials(study))} measured in full, {stopped} stopped after the cheap pass, {dup} repeats"
+             + (f", {seconds:.0f} s" if seconds is not None else ""),
+             (f"{len(library)} profiles on the feasible Pareto set (ppl_increase <= {budget.max_ppl_increase}, "
+              f"retrieval_drop <= {budget.max_retrieval_drop}):"),
+             f"  {'ratio':>6} {'ppl +%':>7} {'drop':>5} {'enc MB/s':>9} {'dec MB/s':>9}  profile"]  # fmt: skip
+    for p in library:
+        lines.append(f"  {p.ratio:6.2f} {p.ppl_increase * 100:7.3f} {p.retrieval_drop:5.1f} {p.encode_bps / 1e6:9.0f} "
+                     f"{p.decode_bps / 1e6:9.0f}  {p.name}")  # fmt: skip
+    return "\n".join(lines)
