@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,31 +24,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))  # run from a checkout without installing
 
-import numpy as np
 
-from tensorwire import __version__
 from tensorwire.control.latency_model import break_even_bandwidth, to_gbps
 from tensorwire.control.simulate import Scenario, example_library, format_table, plot, run_suite
 from tensorwire.kv.profiles import ProfileLibrary
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     import matplotlib
 
-    return {
-        "cpu_model": cpu,
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "versions": {"tensorwire": __version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__},
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+    from tensorwire.benchmarking.weights import machine_info
+
+    info = machine_info()
+    info["versions"]["matplotlib"] = matplotlib.__version__
+    return info
 
 
 def library_table(library: ProfileLibrary, max_ppl: float, max_drop: float) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -46,21 +45,14 @@ def tensorwire_methods() -> dict[str, dict]:
 
 
 def machine() -> dict:
-    import numba
-    import numpy
     import torch
     import transformers
 
-    import tensorwire
+    from tensorwire.benchmarking.weights import machine_info
 
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": sys.version.split()[0],
-        "cpus": __import__("os").cpu_count(),
-        "versions": {"tensorwire": tensorwire.__version__, "numpy": numpy.__version__, "numba": numba.__version__,
-                     "torch": torch.__version__, "transformers": transformers.__version__},
-    }  # fmt: skip
+    info = machine_info()
+    info["versions"] |= {"torch": torch.__version__, "transformers": transformers.__version__}
+    return info
 
 
 def speed_rounds(pipelines: dict, cache, repeats: int) -> dict[str, dict]:
