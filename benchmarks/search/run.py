@@ -200,7 +200,7 @@ def first_reaching(curve, target: float) -> int | None:
 
 
 def run_search(space, lookup_table, method: str, seed: int, budget, max_evals: int, startup: int, index, values,
-               feasible, reference, total) -> dict:  # fmt: skip
+               feasible, reference, total, repeats: str = "prune") -> dict:  # fmt: skip
     import optuna
 
     from tensorwire.search.objectives import DIRECTIONS
@@ -209,7 +209,7 @@ def run_search(space, lookup_table, method: str, seed: int, budget, max_evals: i
 
     measure = GridLookup(lookup_table)
     search = ProfileSearch(space, measure, sampler=method, seed=seed, budget=budget, cheap_first=False,
-                           n_startup_trials=startup, worker=f"replay-{method}-{seed}")  # fmt: skip
+                           n_startup_trials=startup, worker=f"replay-{method}-{seed}", repeats=repeats)  # fmt: skip
     stop_at = {"evals": max_evals}
 
     def enough(study, trial):

@@ -101,12 +101,28 @@ def test_parameters_are_conditional_on_the_chosen_stages():
                 assert name.split(".")[0] in chosen, (name, config)
         for stage in config["stages"]:
             for param in space_params(space, stage["id"]):
-                assert f"{stage['id']}.{param}" in trial.params
+                assert param in trial.params
         assert config["stages"][-1]["id"] in {"raw", "enec", "ans", "zstd", "lz4"}
 
 
 def space_params(space: SearchSpace, stage_id: str) -> list[str]:
-    return [p for s in space.stage_spaces() if s.id == stage_id for p in s.searched]
+    return [s.param_name(p) for s in space.stage_spaces() if s.id == stage_id for p in s.searched]
+
+
+def test_numeric_candidates_are_asked_by_rank():
+    stage = StageSpace.of("kivi", {"k_bits": (8, 2, 4, 3), "v_bits": (2, 4), "group_size": (32, 64, 128)})
+    assert stage.ordered == {"k_bits": (2, 3, 4, 8), "group_size": (32, 64, 128)}
+    dists = stage.distributions()
+    assert dists["kivi.k_bits:rank"] == optuna.distributions.IntDistribution(0, 3)
+    assert isinstance(dists["kivi.v_bits"], optuna.distributions.CategoricalDistribution)  # two values: a category
+    assert "score:rank" not in str(StageSpace.of("headwise").distributions())  # strings stay categories
+    space = SearchSpace.from_registry({"kivi": {"k_bits": (8, 2, 4, 3)}, "raw": {}})
+    study = optuna.create_study(directions=["minimize"])
+    study.enqueue_trial({"kivi.k_bits:rank": 2})
+    trial = study.ask()
+    assert space.suggest(trial)["stages"][0]["k_bits"] == 4
+    seen = {c["stages"][0]["k_bits"] for _, c in trials(space, 40)}
+    assert seen == {2, 3, 4, 8}
 
 
 def test_sizes_by_hand():

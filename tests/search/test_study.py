@@ -63,22 +63,27 @@ class Counting:
         return self.fn(pipeline, fidelity)
 
 
-def test_repeats_cost_no_evaluation_and_skips_cost_none():
+@pytest.mark.parametrize("repeats", ["prune", "answer"])
+def test_repeats_cost_no_evaluation(repeats):
     space = SearchSpace.from_registry(SMALL)  # 3 selectors x 6 quantizers x 2 chains = 36 configs
     measure = Counting()
-    search = ProfileSearch(space, measure, sampler="random", seed=0, budget=Budget(1.0, 100.0))
+    search = ProfileSearch(space, measure, sampler="random", seed=0, budget=Budget(1.0, 100.0), repeats=repeats)
     search.optimize(80)
     trials = search.study.trials
-    repeats = [t for t in trials if "duplicate_of" in t.user_attrs]
-    assert repeats, "80 draws from 36 configs must repeat some"
+    again = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert again, "80 draws from 36 configs must repeat some"
     measured = {key for key, _ in measure.calls}
     assert len(measured) == len({t.user_attrs["key"] for t in trials})  # each config measured once
     assert len(measure.calls) == search.evaluations == sum(t.user_attrs["evaluations"] for t in trials)
-    for t in repeats:
-        first = search.study.trials[t.user_attrs["duplicate_of"]]
-        assert t.values == first.values and t.user_attrs["key"] == first.user_attrs["key"]
-        assert t.constraints == first.constraints
+    for t in again:
+        first = trials[t.user_attrs["duplicate_of"]]
+        assert t.user_attrs["key"] == first.user_attrs["key"] and "duplicate_of" not in first.user_attrs
+        if repeats == "prune":
+            assert t.state == optuna.trial.TrialState.PRUNED and t.values is None
+        else:
+            assert t.values == first.values and t.constraints == first.constraints
     assert {t.user_attrs["worker"] for t in trials} == {search.worker}
+    assert len(search.full_trials()) == len(measured)  # repeats never count as measurements
 
 
 def test_skipped_and_invalid_candidates_are_pruned_without_evaluation():
@@ -86,7 +91,8 @@ def test_skipped_and_invalid_candidates_are_pruned_without_evaluation():
     measure = Counting()
     search = ProfileSearch(space, measure, sampler="random", seed=1, cheap_first=False)
     search.optimize(25)
-    pruned = [t for t in search.study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    pruned = [t for t in search.study.trials if "rejected" in t.user_attrs]
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in pruned)
     reasons = {t.user_attrs["rejected"].split(":")[0] + ":" + t.user_attrs["rejected"].split(":")[1] for t in pruned}
     assert reasons == {"skipped: enec-fast-on-codes", "invalid: stage 'headwise'"}
     assert all(Pipeline.from_config(key_config(k)).quantizer.low_bits == 2 for k, _ in measure.calls)
@@ -190,6 +196,8 @@ def test_bad_settings():
         ProfileSearch(SearchSpace.from_registry(SMALL), analytic, slack=0.5)
     with pytest.raises(SearchError, match="sampler"):
         ProfileSearch(SearchSpace.from_registry(SMALL), analytic, sampler="cmaes")
+    with pytest.raises(SearchError, match="repeats"):
+        ProfileSearch(SearchSpace.from_registry(SMALL), analytic, repeats="ignore")
     with pytest.raises(SearchError, match="workers >= 1"):
         run_profile(ProfileSettings("text.txt", workers=0))
 
@@ -215,11 +223,11 @@ def test_two_processes_search_one_sqlite_study(tmp_path):
     assert 16 <= len(finished) <= 17  # each worker stops at 16; one trial may be in flight when the other gets there
     workers = {t.user_attrs["worker"] for t in finished}
     assert workers == {"worker-0", "worker-1"}
-    # A repeat, in either worker, is answered from the trial that measured the config.
+    # A repeat, in either worker, points at the trial that measured the config.
     by_number = {t.number: t for t in finished}
     for t in finished:
         if "duplicate_of" in t.user_attrs:
             first = by_number[t.user_attrs["duplicate_of"]]
-            assert first.user_attrs["key"] == t.user_attrs["key"] and first.values == t.values
+            assert first.user_attrs["key"] == t.user_attrs["key"] and first.state == optuna.trial.TrialState.COMPLETE
     with sqlite3.connect(tmp_path / "study.db") as db:
         assert db.execute("select count(*) from studies").fetchone()[0] == 1

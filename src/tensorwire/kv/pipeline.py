@@ -369,12 +369,16 @@ def _as_data(cache: Any, observations: Any) -> KVCacheData:
 
 
 def _gather(layer: KVLayer, index: np.ndarray) -> KVLayer:
-    take = index[..., None]
-    return KVLayer(
-        np.take_along_axis(layer.keys, take, axis=2),
-        np.take_along_axis(layer.values, take, axis=2),
-        np.take_along_axis(layer.positions, index, axis=2),
-    )
+    """The kept tokens of one layer; ``index`` has shape ``(batch, heads, kept)``."""
+    batch, heads, tokens, _ = layer.keys.shape
+    # Whole rows by flat index: several times faster than take_along_axis, which builds a
+    # fancy index over the head dimension too.
+    rows = (np.arange(batch * heads, dtype=np.int64)[:, None] * tokens + index.reshape(batch * heads, -1)).ravel()
+
+    def take(a: np.ndarray) -> np.ndarray:
+        return np.take(a.reshape(batch * heads * tokens, -1), rows, axis=0).reshape(*index.shape, a.shape[-1])
+
+    return KVLayer(take(layer.keys), take(layer.values), np.take_along_axis(layer.positions, index, axis=2))
 
 
 def _is_arange(positions: np.ndarray) -> bool:

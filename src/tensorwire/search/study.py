@@ -5,8 +5,10 @@ One trial = one candidate pipeline drawn from the :class:`~.space.SearchSpace`:
 1. **Build** it (``Pipeline.from_config``). A candidate that a skip rule names, or whose
    stages reject their parameters (``StageConfigError``), is pruned at once: it costs a
    trial, not an evaluation.
-2. **Seen before?** A config some finished trial of the study (any worker) already
-   measured is answered from that trial (``user_attrs["duplicate_of"]``): no evaluation.
+2. **Seen before?** A config that a finished trial of the study (any worker) already
+   measured is not measured again (``user_attrs["duplicate_of"]``): the trial is pruned,
+   which steers TPE away from it (or, with ``repeats="answer"``, completed with the
+   earlier values).
 3. **Cheap pass** (``cheap_first``): one window, no retrieval cases. The trial stops
    there (``user_attrs["stopped"]``, the cheap values returned) when the perplexity
    increase is over ``slack x`` the budget, or when an already fully measured feasible
@@ -151,12 +153,18 @@ class ProfileSearch:
     worker : str, optional
         Recorded on every trial this process runs (``user_attrs["worker"]``); default
         ``"<hostname>:<pid>"``.
+    repeats : {"prune", "answer"}
+        What a trial that draws an already measured config does: ``"prune"`` (default)
+        ends it as pruned, which TPE counts against that region, so that it moves on;
+        ``"answer"`` completes it with the earlier trial's values. Neither measures again.
     """
 
     def __init__(self, space: SearchSpace, measure: Measure, *, storage: str | None = None,
                  study_name: str = "tensorwire-profile", budget: Budget | None = None, sampler: Any = "tpe",
                  seed: int | None = None, cheap_first: bool = True, slack: float = 2.0,
-                 n_startup_trials: int = 10, worker: str | None = None):  # fmt: skip
+                 n_startup_trials: int = 10, worker: str | None = None, repeats: str = "prune"):  # fmt: skip
+        if repeats not in ("prune", "answer"):
+            raise SearchError(f"repeats is {repeats!r}; expected 'prune' or 'answer'")
         if not slack >= 1.0:
             raise SearchError(f"slack is {slack!r}; it must be >= 1 (1: trust the cheap pass exactly)")
         self.space = space
@@ -164,6 +172,7 @@ class ProfileSearch:
         self.budget = budget if budget is not None else Budget()
         self.cheap_first = cheap_first
         self.slack = slack
+        self.repeats = repeats
         if isinstance(sampler, str):
             sampler = make_sampler(sampler, seed, n_startup_trials)
         self.study = create_study(storage, study_name, sampler)
@@ -188,11 +197,13 @@ class ProfileSearch:
         trial.set_user_attr("key", key)
         prior = self._find(key)
         if prior is not None:
+            trial.set_user_attr("duplicate_of", prior.number)
+            trial.set_user_attr("evaluations", 0)
+            if self.repeats == "prune":
+                raise optuna.TrialPruned(f"measured already in trial {prior.number}")
             for name in ("fidelity", "cheap", "full", "stopped"):
                 if name in prior.user_attrs:
                     trial.set_user_attr(name, prior.user_attrs[name])
-            trial.set_user_attr("duplicate_of", prior.number)
-            trial.set_user_attr("evaluations", 0)
             # Constraints from the measurement under this search's budget (a resumed study may have another).
             measured = Measurement.from_dict(prior.user_attrs[prior.user_attrs["fidelity"]])
             self._constrain(trial, self.budget.constraints(measured))
@@ -508,13 +519,13 @@ def summary(study, budget: Budget, library: ProfileLibrary, seconds: float | Non
     """A short text report of a study and the library taken from it."""
     optuna = optuna_module()
     trials = study.get_trials(deepcopy=False)
-    states = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    states = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}  # fail, ...
     dup = sum("duplicate_of" in t.user_attrs for t in trials)
     stopped = sum("stopped" in t.user_attrs and "duplicate_of" not in t.user_attrs for t in trials)
     rejected = sum("rejected" in t.user_attrs for t in trials)
-    lines = [f"{len(trials)} trials ({states['complete']} complete, {states['pruned']} pruned: {rejected} skipped/invalid), "
-             f"{len(full_trials(study))} measured in full, {stopped} stopped after the cheap pass, {dup} repeats"
-             + (f", {seconds:.0f} s" if seconds is not None else ""),
+    lines = [f"{len(trials)} trials: {len(full_trials(study))} measured in full, {stopped} stopped after the cheap pass, "
+             f"{rejected} skipped or invalid, {dup} repeats (not measured again), {states['fail']} failed"
+             + (f"; {seconds:.0f} s" if seconds is not None else ""),
              (f"{len(library)} profiles on the feasible Pareto set (ppl_increase <= {budget.max_ppl_increase}, "
               f"retrieval_drop <= {budget.max_retrieval_drop}):"),
              f"  {'ratio':>6} {'ppl +%':>7} {'drop':>5} {'enc MB/s':>9} {'dec MB/s':>9}  profile"]  # fmt: skip
