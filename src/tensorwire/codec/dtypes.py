@@ -5,6 +5,8 @@ The numeric codes are part of the frame format: never renumber one, only add.
 
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes
 import numpy as np
 
@@ -37,6 +39,14 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def dtype_name_of(dtype) -> str:
     """The safetensors name of a numpy dtype (byte order normalised to little-endian)."""
+    try:
+        return _name_of(dtype)
+    except TypeError:  # unhashable dtype spec: not cacheable, still answered
+        return _name_of.__wrapped__(dtype)
+
+
+@functools.lru_cache(maxsize=64)  # the KV payload writer asks once per plane: ~12 us uncached
+def _name_of(dtype) -> str:
     dt = np.dtype(dtype)
     if dt.byteorder == ">":
         raise UnsupportedDType(f"big-endian dtype {dt} is not supported; convert with .astype('{dt.newbyteorder('<')}')")

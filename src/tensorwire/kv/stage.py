@@ -32,6 +32,8 @@ __all__ = [
     "Observations",
     "Plane",
     "Stage",
+    "is_int",
+    "is_number",
     "Transform",
     "Selector",
     "Quantizer",
@@ -124,6 +126,21 @@ class Plane:
     def __post_init__(self) -> None:
         if self.bits is not None and (self.data.dtype != np.uint8 or not 1 <= self.bits <= 8):
             raise TypeError(f"a code plane is uint8 with 1..8 bits, got {self.data.dtype} with bits={self.bits}")
+
+
+def is_int(value: object, low: int | None = None, high: int | None = None) -> bool:
+    """Whether ``value`` is an ``int`` (a bool is not) in ``[low, high]`` (either end optional)."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (low is None or value >= low)
+        and (high is None or value <= high)
+    )
+
+
+def is_number(value: object, low: float, high: float) -> bool:
+    """Whether ``value`` is a real number (not a bool, not NaN) in ``[low, high]``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 class Stage:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...errors import CorruptData, require
-from ..stage import BytesEncoder
+from ..stage import BytesEncoder, is_int
 from .raw import check_size
 
 __all__ = ["LZ4", "MAX_LEVEL"]
@@ -52,7 +52,7 @@ class LZ4(BytesEncoder):
 
     def __post_init__(self) -> None:
         self.check(
-            isinstance(self.level, int) and not isinstance(self.level, bool) and 0 <= self.level <= MAX_LEVEL,
+            is_int(self.level, 0, MAX_LEVEL),
             f"level must be an int in 0..{MAX_LEVEL} (0: default mode, 1..12: LZ4-HC), got {self.level!r}",
         )
 

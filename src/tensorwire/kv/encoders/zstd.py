@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...errors import CorruptData, Truncated, require
-from ..stage import BytesEncoder
+from ..stage import BytesEncoder, is_int
 from .raw import check_size
 
 __all__ = ["MAX_LEVEL", "MIN_LEVEL", "Zstd"]
@@ -72,7 +72,7 @@ class Zstd(BytesEncoder):
 
     def __post_init__(self) -> None:
         self.check(
-            isinstance(self.level, int) and not isinstance(self.level, bool) and MIN_LEVEL <= self.level <= MAX_LEVEL,
+            is_int(self.level, MIN_LEVEL, MAX_LEVEL),
             f"level must be an int in {MIN_LEVEL}..{MAX_LEVEL}, got {self.level!r}",
         )
 

@@ -38,7 +38,7 @@ from typing import ClassVar
 import numpy as np
 
 from ...errors import CorruptData
-from ..stage import Plane, Quantizer
+from ..stage import Plane, Quantizer, is_number
 from .kernels import check_kv, check_shape, expect_plane, row_scores
 from .kivi import HeadClass, check_residual, dequantize_kivi, kivi_error_bound, kivi_split, quantize_kivi
 from .uniform import check_bits, check_group_size
@@ -109,7 +109,7 @@ class HeadwiseMixed(Quantizer):
         )
         fraction = self.high_fraction
         self.check(
-            isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0.0 <= fraction <= 1.0,
+            is_number(fraction, 0.0, 1.0),
             f"high_fraction must be a number in [0, 1], got {fraction!r}",
         )
         self.check(self.score in SCORES, f"score must be one of {list(SCORES)}, got {self.score!r}")

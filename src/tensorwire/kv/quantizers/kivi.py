@@ -40,7 +40,7 @@ from typing import ClassVar, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ..stage import Plane, Quantizer
+from ..stage import Plane, Quantizer, is_int
 from .kernels import (
     UnrepresentableValues,
     check_kv,
@@ -168,7 +168,7 @@ def kivi_error_bound(planes: dict[str, Plane], keys: np.ndarray, values: np.ndar
 
 def check_residual(stage, value) -> None:
     stage.check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        is_int(value, 0),
         f"residual must be a non-negative integer (tokens kept in bfloat16), got {value!r}",
     )
 

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..stage import Plane, Quantizer, ShapeMismatch
+from ..stage import Plane, Quantizer, ShapeMismatch, is_number
 from .kivi import KIVI, check_residual
 from .uniform import check_bits, check_group_size
 
@@ -68,7 +68,7 @@ class LayerwiseBits(Quantizer):
         )
         fraction = self.early_fraction
         self.check(
-            isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0.0 <= fraction <= 1.0,
+            is_number(fraction, 0.0, 1.0),
             f"early_fraction must be a number in [0, 1], got {fraction!r}",
         )
         check_group_size(self, self.group_size)

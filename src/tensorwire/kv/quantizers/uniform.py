@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..stage import Plane, Quantizer
+from ..stage import Plane, Quantizer, is_int
 from .kernels import (
     AXES,
     BITS,
@@ -61,14 +61,14 @@ __all__ = ["Uniform", "check_bits", "check_group_size"]
 def check_bits(stage, name: str, value) -> None:
     """``value`` is one of the code widths in :data:`~.kernels.BITS`."""
     stage.check(
-        isinstance(value, int) and not isinstance(value, bool) and value in BITS,
+        is_int(value) and value in BITS,
         f"{name} must be one of {list(BITS)}, got {value!r}",
     )
 
 
 def check_group_size(stage, value) -> None:
     stage.check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        is_int(value, 1),
         f"group_size must be a positive integer, got {value!r}",
     )
 

@@ -18,16 +18,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..stage import KVCacheData, ObservationError, Selector
+from ..stage import KVCacheData, ObservationError, Selector, is_int
 from .topk import batch_and_tokens, budget, top_k, valid_fraction
 
 __all__ = ["SnapKV", "window_scores"]
 
 _HOW_TO = "prefill with observation capture: tensorwire.kv.hf.prefill(..., observe_window=W)"
-
-
-def _int_at_least(value: object, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def window_scores(keys: np.ndarray, queries: np.ndarray, prefix: int, kernel: int) -> np.ndarray:
@@ -122,9 +118,9 @@ class SnapKV(Selector):
 
     def __post_init__(self) -> None:
         self.check(valid_fraction(self.keep_fraction), f"keep_fraction must be in (0, 1], got {self.keep_fraction!r}")
-        self.check(_int_at_least(self.window, 1), f"window must be an int >= 1, got {self.window!r}")
+        self.check(is_int(self.window, 1), f"window must be an int >= 1, got {self.window!r}")
         self.check(
-            _int_at_least(self.kernel, 1) and self.kernel % 2 == 1,
+            is_int(self.kernel, 1) and self.kernel % 2 == 1,
             f"kernel must be an odd int >= 1 (the pooling is centred), got {self.kernel!r}",
         )
 

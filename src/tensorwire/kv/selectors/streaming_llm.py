@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..stage import KVCacheData, Selector
+from ..stage import KVCacheData, Selector, is_int
 from .topk import batch_and_tokens, budget, valid_fraction
 
 __all__ = ["StreamingLLM"]
@@ -48,7 +48,7 @@ class StreamingLLM(Selector):
     def __post_init__(self) -> None:
         self.check(valid_fraction(self.keep_fraction), f"keep_fraction must be in (0, 1], got {self.keep_fraction!r}")
         self.check(
-            isinstance(self.sinks, int) and not isinstance(self.sinks, bool) and self.sinks >= 0,
+            is_int(self.sinks, 0),
             f"sinks must be an int >= 0, got {self.sinks!r}",
         )
 

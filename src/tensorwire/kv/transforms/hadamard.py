@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..stage import ShapeMismatch, Transform
+from ..stage import ShapeMismatch, Transform, is_int
 
 __all__ = ["Hadamard", "random_signs", "rotation_matrix"]
 
@@ -96,7 +96,7 @@ class Hadamard(Transform):
 
     def __post_init__(self) -> None:
         self.check(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            is_int(self.seed, 0),
             f"seed must be an int >= 0, got {self.seed!r}",
         )
         self.check(isinstance(self.keys, bool), f"keys must be a bool, got {self.keys!r}")
