@@ -56,10 +56,14 @@ def machine() -> dict:
 
 
 def speed_rounds(pipelines: dict, cache, repeats: int) -> dict[str, dict]:
-    from tensorwire.codec.cpu import set_threads
+    from tensorwire.codec.cpu import one_thread
     from tensorwire.kv import Pipeline
 
-    set_threads(1)
+    with one_thread():
+        return _speed_rounds(pipelines, cache, repeats)
+
+
+def _speed_rounds(pipelines: dict, cache, repeats: int) -> dict[str, dict]:
     kv_bytes = cache.nbytes(2)
     for pipe in pipelines.values():  # warm-up: numba compiles on first call
         Pipeline.decode_data(pipe.encode(cache))

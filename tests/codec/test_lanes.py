@@ -166,3 +166,17 @@ def test_exception_count_mismatch(stream):
     buf[blocks.HEADER.size + nb] ^= 1
     with pytest.raises(CorruptData, match="exception counts"):
         blocks.parse_lanes(buf, layout, 700)
+
+
+def test_one_thread_limits_numba_and_blas_then_restores_them():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    np.ones((4, 4)) @ np.ones((4, 4))  # numpy's BLAS is loaded
+    before_numba, before_blas = cpu.get_threads(), blas_threads()
+    with cpu.one_thread():
+        assert cpu.get_threads() == 1
+        assert blas_threads() and set(blas_threads()) == {1}
+    assert cpu.get_threads() == before_numba and blas_threads() == before_blas

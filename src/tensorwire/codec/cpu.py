@@ -10,8 +10,10 @@ only plans checked by ``blocks.parse_lanes``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numba
@@ -30,7 +32,7 @@ from .blocks import (
 )
 from .planes import FloatLayout
 
-__all__ = ["encode_lanes", "decode_lanes", "set_threads", "get_threads", "kernels"]
+__all__ = ["encode_lanes", "decode_lanes", "set_threads", "get_threads", "one_thread", "kernels"]
 
 GROUP = 16  # blocks per parallel task: amortises the per-task scratch allocation
 U8 = np.uint8
@@ -44,6 +46,24 @@ def set_threads(n: int) -> None:
 
 def get_threads() -> int:
     return numba.get_num_threads()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block inside on one core: numba kernels and BLAS (numpy's matmul) alike.
+
+    Per-core throughputs are timed inside it. Without the BLAS limit, the matrix products of
+    some KV stages (Hadamard rotation, SnapKV scores) quietly run on every core.
+    """
+    from threadpoolctl import threadpool_limits
+
+    before = get_threads()
+    set_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        set_threads(before)
 
 
 # ----------------------------------------------------------------------------- lane loops

@@ -202,14 +202,12 @@ class Evaluator:
         self, pipeline: Pipeline, windows: int | None = None, needles: int | None = None, speed: bool = True
     ) -> EvalResult:
         """Measure ``pipeline``; ``windows``/``needles`` evaluate on the first few only (cheap pass)."""
-        from ..codec.cpu import get_threads, set_threads
+        from ..codec.cpu import one_thread
 
         began = time.perf_counter()
         win = self.windows(windows)
         cases = self.needles(needles)
-        threads = get_threads()
-        set_threads(1)
-        try:
+        with one_thread():
             if speed:  # warm-up: numba compiles on first use; never time that
                 Pipeline.decode_data(pipeline.encode(win[0].cache))
             sizes, enc_t, dec_t, k_err, v_err, nll_base, nll = [], [], [], [], [], [], []
@@ -232,8 +230,6 @@ class Evaluator:
                 decoded = Pipeline.decode_data(pipeline.encode(case.cache), expect=self._expect())
                 correct += self._answer(decoded, case)
                 base_correct += case.base_correct
-        finally:
-            set_threads(threads)
         kv_bytes = win[0].cache.nbytes(2)
         ppl_base = math.exp(float(np.mean(np.concatenate(nll_base))))
         ppl = math.exp(float(np.mean(np.concatenate(nll))))
