@@ -147,10 +147,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import KV_LIBRARY, run_demo
 
     _threads(args.threads)
-    return run_demo(Path(args.workdir), level=args.level, kv_library=args.kv_library and Path(args.kv_library))
+    library = None if args.no_kv else Path(args.kv_library) if args.kv_library else KV_LIBRARY
+    return run_demo(Path(args.workdir), level=args.level, kv_library=library)
 
 
 def cmd_kv_eval(args: argparse.Namespace) -> int:
@@ -336,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="out/demo", help="where to write the files (default out/demo)")
     p.add_argument("--level", choices=("fast", "max"), default="fast")
     p.add_argument("--kv-library", metavar="PROFILES_JSON",
-                   help="also run the KV part: SmolLM2's cache through the profile the controller picks from this library")
+                   help="profile library of the KV part (default: the one measured for SmolLM2 that ships with tensorwire)")
+    p.add_argument("--no-kv", action="store_true", help="weights only: skip the KV part")
     common(p)
     p.set_defaults(func=cmd_demo)
     return parser

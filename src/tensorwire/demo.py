@@ -56,6 +56,8 @@ def _embed(model, tokenizer):
 
 DATA = Path(__file__).parent / "data"
 SAMPLE_TEXT = DATA / "river_town.txt"  # original prose written for tensorwire
+# Measured by `tensorwire profile` on the reference machine (see benchmarks/search/README.md).
+KV_LIBRARY = DATA / "profiles-smollm2-135m.json"
 KV_QUESTION = "\n\nQuestion: Who designed the stone bridge, and how many arches does it have?\nAnswer:"
 
 
@@ -108,7 +110,7 @@ def run_kv_demo(console, library: Path, link_gbps: float = 1.0, slo_ms: float = 
     return positions_kept
 
 
-def run_demo(workdir: Path, level: str = "fast", kv_library: Path | None = None) -> int:
+def run_demo(workdir: Path, level: str = "fast", kv_library: Path | None = KV_LIBRARY) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from rich.console import Console

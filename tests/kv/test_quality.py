@@ -41,6 +41,15 @@ def test_cheap_pass_uses_fewer_windows_and_cases(evaluator):
     assert r.windows == 1 and r.needles == 0 and r.retrieval is None and r.encode_bps is None
 
 
+def test_codec_speed_times_without_the_model(evaluator):
+    from tensorwire.codec.cpu import get_threads
+
+    threads = get_threads()
+    encode_bps, decode_bps = evaluator.codec_speed(Pipeline.from_config(resolve("kivi-4")), windows=1)
+    assert encode_bps > 1e6 and decode_bps > 1e6  # bytes/s: a 128-token cache takes well under a second
+    assert get_threads() == threads  # timed on one core, then the kernels get their threads back
+
+
 def test_bad_settings(smollm2, tmp_path, sample_text):
     model, tokenizer = smollm2
     with pytest.raises(EvaluationError, match="does not exist"):

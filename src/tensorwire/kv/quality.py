@@ -212,14 +212,10 @@ class Evaluator:
                 Pipeline.decode_data(pipeline.encode(win[0].cache))
             sizes, enc_t, dec_t, k_err, v_err, nll_base, nll = [], [], [], [], [], [], []
             for w in win:
-                t0 = time.perf_counter()
-                payload = pipeline.encode(w.cache)
-                t1 = time.perf_counter()
-                decoded = Pipeline.decode_data(payload, expect=self._expect())
-                t2 = time.perf_counter()
-                sizes.append(len(payload))
-                enc_t.append(t1 - t0)
-                dec_t.append(t2 - t1)
+                size, decoded, t_enc, t_dec = self._roundtrip(pipeline, w.cache)
+                sizes.append(size)
+                enc_t.append(t_enc)
+                dec_t.append(t_dec)
                 ke, ve = reconstruction_error(w.cache, decoded)
                 k_err.append(ke)
                 v_err.append(ve)
@@ -257,6 +253,27 @@ class Evaluator:
             seconds=time.perf_counter() - began,
             extra={"context": self.settings.context, "continuation": self.settings.continuation, "text": self.text_id},
         )
+
+    def codec_speed(self, pipeline: Pipeline, windows: int | None = None) -> tuple[float, float]:
+        """Encode and decode KV bytes/s on one core, timed exactly as :meth:`evaluate` does
+        (warm-up, then the median over the windows), without the model: to re-time
+        configurations measured under other conditions."""
+        from ..codec.cpu import one_thread
+
+        win = self.windows(windows)
+        with one_thread():
+            Pipeline.decode_data(pipeline.encode(win[0].cache))
+            times = [self._roundtrip(pipeline, w.cache)[2:] for w in win]
+        kv_bytes = win[0].cache.nbytes(2)
+        return kv_bytes / statistics.median(t[0] for t in times), kv_bytes / statistics.median(t[1] for t in times)
+
+    def _roundtrip(self, pipeline: Pipeline, cache: KVCacheData) -> tuple[int, KVCacheData, float, float]:
+        """Payload size, decoded cache, encode seconds, decode seconds."""
+        t0 = time.perf_counter()
+        payload = pipeline.encode(cache)
+        t1 = time.perf_counter()
+        decoded = Pipeline.decode_data(payload, expect=self._expect())
+        return len(payload), decoded, t1 - t0, time.perf_counter() - t1
 
     def _expect(self) -> dict[str, int]:
         return {"n_layers": self.shape["n_layers"], "kv_heads": self.shape["kv_heads"], "head_dim": self.shape["head_dim"]}
