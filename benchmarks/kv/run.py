@@ -120,6 +120,8 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--needles", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--question", choices=("after", "in_prompt"), default="after",
+                        help="retrieval question after the compressed context, or inside the compressed prompt")
     parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--peers", help="JSON results of peers run elsewhere (e.g. kvpress in its own venv) to merge")
@@ -140,7 +142,7 @@ def main() -> int:
     pipelines = {name: Pipeline.from_config(cfg) for name, (cfg, _) in methods.items()}
 
     model, tokenizer = hf.load_smollm2()
-    settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles)
+    settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles, question=args.question)
     evaluator = Evaluator(model, tokenizer, settings)
     began = time.perf_counter()
     evaluator.windows()

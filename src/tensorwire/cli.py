@@ -161,7 +161,7 @@ def cmd_kv_eval(args: argparse.Namespace) -> int:
     from .kv.quality import EvalSettings, Evaluator
 
     pipelines = [(spec, Pipeline.from_config(resolve(spec))) for spec in args.pipeline]
-    settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles, args.seed)
+    settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles, args.seed, args.question)
     model, tokenizer = hf.load_smollm2()
     evaluator = Evaluator(model, tokenizer, settings)
     results = []
@@ -207,14 +207,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .search.study import ProfileSettings, run_profile
 
     settings = ProfileSettings(args.text, context=args.context, continuation=args.continuation, windows=args.windows,
-                               needles=args.needles, trials=args.trials, storage=args.storage, study_name=args.study_name,
+                               needles=args.needles, question=args.question, trials=args.trials, storage=args.storage, study_name=args.study_name,
                                workers=args.workers, out=args.out, png=args.png, seed=args.seed, sampler=args.sampler,
                                budget=Budget(args.max_ppl_increase, args.max_retrieval_drop))  # fmt: skip
     run_profile(settings, log=None if args.quiet else print)
     return 0
 
 
+QUESTION_HELP = ("where the retrieval question sits: after the compressed context (a stored context reused "
+                 "later) or inside the compressed prompt (disaggregated prefill and decode)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .kv.quality import QUESTION_PLACES
+
     parser = argparse.ArgumentParser(
         prog="tensorwire",
         description="Lossless compression of model weights (ENEC method): .safetensors <-> .twz.",
@@ -282,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--windows", type=int, default=4, help="perplexity windows")
     k.add_argument("--needles", type=int, default=50, help="retrieval cases (planted facts)")
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--question", choices=QUESTION_PLACES, default="after", help=QUESTION_HELP)
     k.add_argument("--json", help="write the results here")
     k.add_argument("--quiet", action="store_true")
     k.set_defaults(func=cmd_kv_eval)
@@ -320,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation", type=int, default=128, help="tokens scored after the prefix")
     p.add_argument("--windows", type=int, default=4, help="perplexity windows of the full evaluation (the cheap pass uses 1)")
     p.add_argument("--needles", type=int, default=20, help="retrieval cases of the full evaluation")
+    p.add_argument("--question", choices=QUESTION_PLACES, default="after", help=QUESTION_HELP)
     p.add_argument("--trials", type=int, default=60, help="trials to add to the study (all workers together)")
     p.add_argument("--storage", help="optuna storage URL shared by the workers (default: sqlite:///OUT.db)")
     p.add_argument("--study-name", default="tensorwire-profile", help="study to create or join")

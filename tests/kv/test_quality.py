@@ -58,6 +58,21 @@ def test_bad_settings(smollm2, tmp_path, sample_text):
         Evaluator(model, tokenizer, EvalSettings(str(sample_text), context=4096))
     with pytest.raises(EvaluationError):
         EvalSettings(str(sample_text), windows=0)
+    with pytest.raises(EvaluationError, match="question"):
+        EvalSettings(str(sample_text), question="before")
+
+
+def test_question_in_prompt_is_compressed_with_the_context(smollm2, sample_text):
+    model, tokenizer = smollm2
+    settings = EvalSettings(str(sample_text), context=128, continuation=16, windows=1, needles=3, question="in_prompt")
+    ev = Evaluator(model, tokenizer, settings)
+    after = Evaluator(model, tokenizer, EvalSettings(str(sample_text), context=128, continuation=16, windows=1, needles=3))
+    for inside, outside in zip(ev.needles(), after.needles()):
+        assert inside.cache.seq_len == outside.cache.seq_len == 128  # the cache holds L tokens either way
+        assert len(inside.question) == 1 and len(outside.question) > 1  # only the last question token is fed at decode
+        assert inside.answer == outside.answer
+    r = ev.evaluate(Pipeline.from_config(resolve("lossless")), speed=False)
+    assert r.retrieval == r.retrieval_base > 0
 
 
 def test_cli_kv_eval_writes_json(tmp_path, sample_text, smollm2):

@@ -7,8 +7,17 @@ For a context length ``L``, an :class:`Evaluator` prepares, once per process:
   decoded cache and with the uncompressed one (same tokens, paired comparison).
 * **retrieval cases** (needle in a haystack): ``needles`` contexts of ``L`` tokens from the
   text, each with one planted fact ``"The secret number of <name> is <5 digits>."`` at a
-  random depth; after the (compressed) context the model is asked for the number and
-  answers greedily. A case is correct when the answer starts with the exact digits.
+  random depth; the model is asked for the number and answers greedily from the
+  compressed cache. A case is correct when the answer starts with the exact digits.
+  Where the question sits is a setting (``question``):
+
+  - ``"after"`` (default): the cache holds the context only and the question comes after
+    compression, as when a stored context is reused by requests not yet known (a KV pool);
+    a selector cannot know what will be asked.
+  - ``"in_prompt"``: the prompt is context + question, prefilled and compressed whole (the
+    question's last token is fed at decode), as in disaggregated serving where prefill and
+    decode run on different machines and the cache crosses the network in between. The
+    context is shortened by the question's length so that the cache still holds ``L`` tokens.
 
 Both are prefilled with observation capture (for SnapKV) and kept in memory, so
 evaluating a pipeline costs its encode/decode plus short continuations: this is the
@@ -44,6 +53,7 @@ OBSERVE_WINDOW = 64  # queries captured per layer during prefill (SnapKV windows
 # SmolLM2's tokenizer spells numbers digit by digit: " 77965" is 6 tokens, so the answer
 # needs at least that many new tokens; 8 leaves room for a leading space or newline.
 ANSWER_TOKENS = 8
+QUESTION_PLACES = ("after", "in_prompt")  # see the module docstring
 FIRST_NAMES = ("Mira", "Tobias", "Ilse", "Dario", "Nadia", "Oskar", "Leona", "Piet", "Sunniva", "Corwin",
                "Hale", "Ysolde", "Bram", "Odile", "Fenna", "Quillon", "Rasmus", "Tamsin", "Ulric", "Veda")  # fmt: skip
 LAST_NAMES = ("Castellan", "Venn", "Marrow", "Quell", "Fenwick", "Lindqvist", "Ashdown", "Brantley", "Corvo",
@@ -64,12 +74,15 @@ class EvalSettings:
     windows: int = 4
     needles: int = 50
     seed: int = 0
+    question: str = "after"
 
     def __post_init__(self) -> None:
         if self.context < 16 or self.continuation < 2 or self.windows < 1 or self.needles < 0:
             raise EvaluationError(
                 f"need context >= 16, continuation >= 2, windows >= 1, needles >= 0; got {self}"
             )
+        if self.question not in QUESTION_PLACES:
+            raise EvaluationError(f"question is {self.question!r}; expected one of {QUESTION_PLACES}")
 
 
 @dataclass
@@ -180,12 +193,13 @@ class Evaluator:
                 needle = tok(f" The secret number of {name} is {number}.", add_special_tokens=False).input_ids
                 question = tok(f"\nWhat is the secret number of {name}? The secret number of {name} is",
                                add_special_tokens=False).input_ids  # fmt: skip
+                asked = question[:-1] if s.question == "in_prompt" else []  # prefilled and compressed with the context
                 start = int(rng.integers(0, self.tokens.size - s.context))
-                hay = self.tokens[start : start + s.context - len(needle)].tolist()
+                hay = self.tokens[start : start + s.context - len(needle) - len(asked)].tolist()
                 depth = int(rng.uniform(0.05, 0.9) * len(hay))
-                prefix = np.asarray(hay[:depth] + needle + hay[depth:], dtype=np.int64)
+                prefix = np.asarray(hay[:depth] + needle + hay[depth:] + asked, dtype=np.int64)
                 data = self._prefill(prefix)
-                case = _Needle(data, question, number, False)
+                case = _Needle(data, question[len(asked) :], number, False)
                 case.base_correct = self._answer(data, case)
                 self._needles.append(case)
         return self._needles[: s.needles if count is None else count]

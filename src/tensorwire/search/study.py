@@ -412,6 +412,7 @@ class ProfileSettings:
     continuation: int = 128
     windows: int = 4
     needles: int = 20
+    question: str = "after"  # EvalSettings.question
     trials: int = 60
     storage: str | None = None  # default: sqlite next to `out`
     study_name: str = "tensorwire-profile"
@@ -455,7 +456,8 @@ def _worker(settings: ProfileSettings, index: int, until_total: int) -> None:
     torch.set_num_threads(max(1, cores // max(1, settings.workers)))
     model, tokenizer = hf.load_smollm2()
     evaluator = Evaluator(model, tokenizer, EvalSettings(settings.text, settings.context, settings.continuation,
-                                                         settings.windows, settings.needles, settings.seed))  # fmt: skip
+                                                         settings.windows, settings.needles, settings.seed,
+                                                         settings.question))  # fmt: skip
     search = ProfileSearch(SearchSpace.from_registry(), EvaluatorMeasure(evaluator), storage=settings.storage_url(),
                            study_name=settings.study_name, budget=settings.budget, sampler=settings.sampler,
                            seed=settings.seed + index, cheap_first=settings.cheap_first)  # fmt: skip
