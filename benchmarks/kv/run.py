@@ -125,9 +125,13 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="method names to run (default: all)")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--peers", help="JSON results of peers run elsewhere (e.g. kvpress in its own venv) to merge")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="measure nothing: add --peers to OUT/kv.json (replacing their earlier rows) and redo the table and plot")
     parser.add_argument("--library-from", metavar="KV_JSON",
                         help="only write results/profiles.json from an earlier run's kv.json, then stop")
     args = parser.parse_args()
+    if args.merge_only:
+        return merge_peers(Path(args.out), Path(args.peers))
     if args.library_from:
         write_library(json.loads(Path(args.library_from).read_text()), Path(args.out) / "profiles.json")
         return 0
@@ -169,6 +173,18 @@ def main() -> int:
     write_library(result, out / "profiles.json")
     plot(rows, out / "kv_ratio_quality.png")
     print(table(rows))
+    return 0
+
+
+def merge_peers(out: Path, peers: Path) -> int:
+    result = json.loads((out / "kv.json").read_text())
+    added = json.loads(peers.read_text())["rows"]
+    families = {row["family"] for row in added}
+    result["rows"] = [row for row in result["rows"] if row["family"] not in families] + added
+    result.setdefault("peers", {})[peers.name] = sorted(families)
+    (out / "kv.json").write_text(json.dumps(result, indent=2))
+    plot(result["rows"], out / "kv_ratio_quality.png")
+    print(table(result["rows"]))
     return 0
 
 

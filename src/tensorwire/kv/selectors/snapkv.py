@@ -113,7 +113,8 @@ class SnapKV(Selector):
     kernel: int = 5
 
     id = "snapkv"
-    search_space: ClassVar[dict[str, tuple]] = {"keep_fraction": (0.25, 0.5, 0.7, 0.9)}  # offline search candidates
+    # Offline search candidates; windows up to the evaluator's OBSERVE_WINDOW (64) are captured at prefill.
+    search_space: ClassVar[dict[str, tuple]] = {"keep_fraction": (0.25, 0.5, 0.7, 0.9), "window": (32, 64)}
     needs_observations: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
