@@ -57,13 +57,14 @@ def machine() -> dict:
 
 def speed_rounds(pipelines: dict, cache, repeats: int) -> dict[str, dict]:
     from tensorwire.codec.cpu import one_thread
-    from tensorwire.kv import Pipeline
 
     with one_thread():
         return _speed_rounds(pipelines, cache, repeats)
 
 
 def _speed_rounds(pipelines: dict, cache, repeats: int) -> dict[str, dict]:
+    from tensorwire.kv import Pipeline
+
     kv_bytes = cache.nbytes(2)
     for pipe in pipelines.values():  # warm-up: numba compiles on first call
         Pipeline.decode_data(pipe.encode(cache))
@@ -153,10 +154,26 @@ def main() -> int:
     evaluator.needles()
     print(f"baselines prefilled in {time.perf_counter() - began:.0f} s", file=sys.stderr)
 
+    # Quality rows are kept as they come, so that a run stopped late resumes where it was.
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "kv.partial.jsonl"
+    done = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            row = json.loads(line)
+            same = row["name"] in pipelines and row["pipeline"] == pipelines[row["name"]].to_config()
+            if same and row["settings"] == vars(settings):
+                done[row["name"]] = row
     rows = []
     for name, pipe in pipelines.items():
+        if name in done:
+            rows.append({k: v for k, v in done[name].items() if k != "settings"})
+            continue
         r = evaluator.evaluate(pipe, speed=False)
         rows.append({"name": name, "family": methods[name][1], **r.to_dict()})
+        with partial.open("a") as f:
+            f.write(json.dumps(rows[-1] | {"settings": vars(settings)}) + "\n")
         print(f"  {name}: ratio {r.ratio:.2f} ppl {r.ppl_increase * 100:+.2f}% retrieval {r.retrieval}", file=sys.stderr)
     speeds = speed_rounds(pipelines, evaluator.windows()[0].cache, args.repeats)
     for row in rows:
@@ -164,14 +181,13 @@ def main() -> int:
     if args.peers:
         rows += json.loads(Path(args.peers).read_text())["rows"]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "settings": vars(settings) | {"repeats": args.repeats, "model": "SmolLM2-135M-Instruct",
                                                                  "shape": evaluator.shape},
               "data": {"text": args.text, "text_sha256_16": evaluator.text_id}, "rows": rows}  # fmt: skip
     (out / "kv.json").write_text(json.dumps(result, indent=2))
     write_library(result, out / "profiles.json")
     plot(rows, out / "kv_ratio_quality.png")
+    partial.unlink()
     print(table(rows))
     return 0
 
