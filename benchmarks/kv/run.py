@@ -238,9 +238,10 @@ def table(rows: list[dict]) -> str:
         ret = "-" if r.get("retrieval") is None else f"{r['retrieval']:.0f}% ({r['retrieval_base']:.0f}%)"
         enc = "-" if "encode_gbps" not in r else f"{r['encode_gbps']:.2f}"
         dec = "-" if "decode_gbps" not in r else f"{r['decode_gbps']:.2f}"
+        err = "-" if r.get("key_error") is None else f"{r['key_error']:.4f} / {r['value_error']:.4f}"  # kvpress: not known
         lines.append(
             f"| {r['name']} | {r['ratio']:.2f} | {100 * r['ppl_increase']:+.2f}% | {ret} | "
-            f"{r['key_error']:.4f} / {r['value_error']:.4f} | {enc} | {dec} |"
+            f"{err} | {enc} | {dec} |"
         )
     return "\n".join(lines)
 
