@@ -214,13 +214,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-QUESTION_HELP = ("where the retrieval question sits: after the compressed context (a stored context reused "
-                 "later) or inside the compressed prompt (disaggregated prefill and decode)")
+# Checked by EvalSettings (kv/quality.py): importing it here would slow every command's start.
+QUESTION_HELP = ("where the retrieval question sits: 'after' the compressed context (a stored context reused "
+                 "later) or 'in_prompt', inside the compressed prompt (disaggregated prefill and decode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .kv.quality import QUESTION_PLACES
-
     parser = argparse.ArgumentParser(
         prog="tensorwire",
         description="Lossless compression of model weights (ENEC method): .safetensors <-> .twz.",
@@ -288,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--windows", type=int, default=4, help="perplexity windows")
     k.add_argument("--needles", type=int, default=50, help="retrieval cases (planted facts)")
     k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--question", choices=QUESTION_PLACES, default="after", help=QUESTION_HELP)
+    k.add_argument("--question", default="after", help=QUESTION_HELP)
     k.add_argument("--json", help="write the results here")
     k.add_argument("--quiet", action="store_true")
     k.set_defaults(func=cmd_kv_eval)
@@ -327,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation", type=int, default=128, help="tokens scored after the prefix")
     p.add_argument("--windows", type=int, default=4, help="perplexity windows of the full evaluation (the cheap pass uses 1)")
     p.add_argument("--needles", type=int, default=20, help="retrieval cases of the full evaluation")
-    p.add_argument("--question", choices=QUESTION_PLACES, default="after", help=QUESTION_HELP)
+    p.add_argument("--question", default="after", help=QUESTION_HELP)
     p.add_argument("--trials", type=int, default=60, help="trials to add to the study (all workers together)")
     p.add_argument("--storage", help="optuna storage URL shared by the workers (default: sqlite:///OUT.db)")
     p.add_argument("--study-name", default="tensorwire-profile", help="study to create or join")

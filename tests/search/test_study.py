@@ -17,6 +17,7 @@ import pytest
 
 from tensorwire.kv.pipeline import Pipeline
 from tensorwire.kv.profiles import ModelShape, ProfileLibrary
+from tensorwire.kv.quality import EvaluationError
 from tensorwire.kv.stage import ShapeMismatch
 from tensorwire.search.objectives import DIRECTIONS, Budget, Measurement
 from tensorwire.search.pareto import pareto_mask
@@ -200,6 +201,8 @@ def test_bad_settings():
         ProfileSearch(SearchSpace.from_registry(SMALL), analytic, repeats="ignore")
     with pytest.raises(SearchError, match="workers >= 1"):
         run_profile(ProfileSettings("text.txt", workers=0))
+    with pytest.raises(EvaluationError, match="question"):  # before any study or worker is created
+        run_profile(ProfileSettings("text.txt", question="before", storage="sqlite:///:memory:"))
 
 
 def _worker(url: str, seed: int, total: int) -> None:

@@ -446,18 +446,23 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+def _eval_settings(settings: ProfileSettings):
+    from ..kv.quality import EvalSettings
+
+    return EvalSettings(settings.text, settings.context, settings.continuation, settings.windows, settings.needles,
+                        settings.seed, settings.question)  # fmt: skip
+
+
 def _worker(settings: ProfileSettings, index: int, until_total: int) -> None:
     """One search process: load the model, prefill, and run trials until the study is full."""
     from ..kv import hf
-    from ..kv.quality import EvalSettings, Evaluator
+    from ..kv.quality import Evaluator
 
     torch = hf._torch()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // max(1, settings.workers)))
     model, tokenizer = hf.load_smollm2()
-    evaluator = Evaluator(model, tokenizer, EvalSettings(settings.text, settings.context, settings.continuation,
-                                                         settings.windows, settings.needles, settings.seed,
-                                                         settings.question))  # fmt: skip
+    evaluator = Evaluator(model, tokenizer, _eval_settings(settings))
     search = ProfileSearch(SearchSpace.from_registry(), EvaluatorMeasure(evaluator), storage=settings.storage_url(),
                            study_name=settings.study_name, budget=settings.budget, sampler=settings.sampler,
                            seed=settings.seed + index, cheap_first=settings.cheap_first)  # fmt: skip
@@ -482,6 +487,7 @@ def run_profile(settings: ProfileSettings, log: Callable[[str], None] | None = p
         raise SearchError(f"need workers >= 1 and trials >= 1, got {settings.workers} and {settings.trials}")
     if settings.sampler not in SAMPLERS:
         raise SearchError(f"sampler {settings.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    _eval_settings(settings)  # bad evaluation settings fail here, before a study or a worker exists
     url = settings.storage_url()
     study = create_study(url, settings.study_name)
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
