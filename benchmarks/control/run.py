@@ -33,7 +33,7 @@ from tensorwire.kv.profiles import ProfileLibrary
 def machine() -> dict:
     import matplotlib
 
-    from tensorwire.benchmarking.weights import machine_info
+    from tensorwire.sysinfo import machine_info
 
     info = machine_info()
     info["versions"]["matplotlib"] = matplotlib.__version__

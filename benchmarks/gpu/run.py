@@ -411,7 +411,7 @@ def load_twz_chunks(path: Path, device: str) -> dict:
     from tensorwire.codec import gpu
     from tensorwire.codec.dtypes import numpy_dtype
     from tensorwire.container import TwzFile
-    from tensorwire.integrations.torch import from_numpy
+    from tensorwire.codec.arrays import from_numpy
 
     tensors = {}
     with TwzFile(path) as f:
@@ -440,7 +440,7 @@ def load_twz_staged(path: Path, device: str) -> dict:
     from tensorwire.codec.planes import layout_for
     from tensorwire.container import TwzFile
     from tensorwire.errors import ChecksumMismatch
-    from tensorwire.integrations.torch import from_numpy
+    from tensorwire.codec.arrays import from_numpy
 
     with TwzFile(path) as f:
         entries = [f.entry(name) for name in f.keys()]

@@ -7,7 +7,7 @@ kvpress 0.5.5 pins ``transformers<5.3``, so this script runs in its own venv
     .venv-kvpress/bin/python benchmarks/kv/kvpress_peer.py \\
         --text ../shared/data/wikitext-2-raw-test.txt --out benchmarks/kv/results/kvpress.json
 
-Same model (SmolLM2-135M-Instruct via ``tensorwire.kv.hf.load_smollm2``), same
+Same model (SmolLM2-135M-Instruct via ``tensorwire.models.load_smollm2``), same
 :class:`~tensorwire.kv.quality.EvalSettings`, hence the same perplexity windows and
 needle cases as ``run.py`` (token selection is deterministic). For each press the prefix is
 prefilled inside ``with press(model):`` -- kvpress evicts during that forward pass, in its
@@ -163,11 +163,11 @@ def main() -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-    from tensorwire.kv import hf
     from tensorwire.kv.quality import EvalSettings
+    from tensorwire.models import load_smollm2
 
     baseline_evaluator, pressed_evaluator = evaluator_classes(args.answer_tokens)
-    model, tokenizer = hf.load_smollm2()
+    model, tokenizer = load_smollm2()
     settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles)
     config = vars(settings) | {"model": "SmolLM2-135M-Instruct", "compression_ratio": args.compression_ratio,
                                "answer_tokens": args.answer_tokens}  # fmt: skip

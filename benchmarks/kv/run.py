@@ -48,7 +48,7 @@ def machine() -> dict:
     import torch
     import transformers
 
-    from tensorwire.benchmarking.weights import machine_info
+    from tensorwire.sysinfo import machine_info
 
     info = machine_info()
     info["versions"] |= {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -137,7 +137,8 @@ def main() -> int:
         write_library(json.loads(Path(args.library_from).read_text()), Path(args.out) / "profiles.json")
         return 0
 
-    from tensorwire.kv import Pipeline, hf
+    from tensorwire.kv import Pipeline
+    from tensorwire.models import load_smollm2
     from tensorwire.kv.quality import EvalSettings, Evaluator
 
     methods = {name: (cfg, "peer") for name, cfg in METHODS.items()}
@@ -146,7 +147,7 @@ def main() -> int:
         methods = {k: v for k, v in methods.items() if k in args.only}
     pipelines = {name: Pipeline.from_config(cfg) for name, (cfg, _) in methods.items()}
 
-    model, tokenizer = hf.load_smollm2()
+    model, tokenizer = load_smollm2()
     settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles, question=args.question)
     evaluator = Evaluator(model, tokenizer, settings)
     # Quality rows are kept as they come, so that a run stopped late resumes where it was.

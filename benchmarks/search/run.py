@@ -67,7 +67,7 @@ def grid_space():
 
 
 def machine() -> dict:
-    from tensorwire.benchmarking.weights import machine_info
+    from tensorwire.sysinfo import machine_info
 
     info = machine_info()
     try:
@@ -85,8 +85,8 @@ def machine() -> dict:
 
 # -- grid ---------------------------------------------------------------------------------
 def cmd_grid(args: argparse.Namespace) -> int:
-    from tensorwire.kv import hf
     from tensorwire.kv.quality import EvalSettings, Evaluator
+    from tensorwire.models import load_smollm2
     from tensorwire.search.objectives import EvaluatorMeasure
     from tensorwire.search.space import config_key, lossy_key
 
@@ -113,7 +113,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         # One torch thread: on this shared 2-core VM more threads spin against the other jobs
         # (measured: prefill 5x slower with 2). The codec is timed on one thread either way.
         torch.set_num_threads(args.torch_threads)
-        model, tokenizer = hf.load_smollm2()
+        model, tokenizer = load_smollm2()
         evaluator = Evaluator(model, tokenizer, EvalSettings(str(TEXT), **GRID_SETTINGS))
         measure = EvaluatorMeasure(evaluator)
         # Measurements already on disk seed the quality cache (resume without re-running the model).
@@ -163,14 +163,14 @@ def cmd_retime(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from tensorwire.kv import hf
     from tensorwire.kv.quality import EvalSettings, Evaluator
+    from tensorwire.models import load_smollm2
 
     path = RESULTS / f"grid_{GRID_ID}.json"
     grid = json.loads(path.read_text())
     space = grid_space()
     torch.set_num_threads(args.torch_threads)
-    model, tokenizer = hf.load_smollm2()
+    model, tokenizer = load_smollm2()
     evaluator = Evaluator(model, tokenizer, EvalSettings(str(TEXT), **GRID_SETTINGS))
     started = time.time()
     for i, rec in enumerate(grid["records"]):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from tensorwire.codec import chunks, cpu
 from tensorwire.codec.frame import DEFAULT_CHUNK_BYTES, values_per_chunk
 from tensorwire.codec.planes import LAYOUTS
-from tensorwire.demo import minilm_folder
+from tensorwire.models import minilm_folder
 
 HERE = Path(__file__).parent
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}

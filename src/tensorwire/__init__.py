@@ -59,7 +59,7 @@ def compress(array: Any, level: str = "fast") -> bytes:
     >>> bool((tensorwire.decompress(tensorwire.compress(x)) == x).all())
     True
     """
-    from .integrations.torch import as_numpy
+    from .codec.arrays import as_numpy
 
     return EnecCodec(level=level).encode(as_numpy(array))
 

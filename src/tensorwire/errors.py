@@ -1,22 +1,53 @@
-"""The tensorwire error hierarchy.
+"""The tensorwire error hierarchy: every error and warning tensorwire raises on purpose.
 
 Every error raised for bad input derives from :class:`TensorwireError` and also from the
 matching built-in exception, so ``except ValueError`` keeps working for callers that do
 not know tensorwire. Messages say what was found, what was expected and what to do.
+
+They all live here, so that any layer can raise any of them without importing a layer
+above it (``kv`` raising :class:`FormatError`, ``search`` raising :class:`StageConfigError`).
 """
 
 from __future__ import annotations
 
+import importlib
+
 __all__ = [
     "TensorwireError",
+    # formats (docs/FORMAT.md)
     "FormatError",
     "BadMagic",
     "UnsupportedVersion",
     "Truncated",
     "ChecksumMismatch",
     "CorruptData",
+    "ShapeMismatch",
     "UnsupportedDType",
+    # environment and usage
     "MissingDependency",
+    "OutputExists",
+    # KV stages and pipelines
+    "StageConfigError",
+    "ObservationError",
+    "UnrepresentableValues",
+    "EvaluationError",
+    # profile libraries
+    "ProfileError",
+    "LibraryFormatError",
+    "UnsupportedLibraryVersion",
+    "EmptyLibrary",
+    "DuplicateProfile",
+    "MissingField",
+    "BadMeasurement",
+    "StagesNotInstalled",
+    # offline search
+    "SearchError",
+    "SearchSpaceError",
+    "CandidateRejected",
+    # online control
+    "ControlWarning",
+    "EXTRAS",
+    "require",
 ]
 
 
@@ -24,6 +55,7 @@ class TensorwireError(Exception):
     """Base class of every error tensorwire raises on purpose."""
 
 
+# -- formats ------------------------------------------------------------------------------
 class FormatError(TensorwireError, ValueError):
     """A stream or file does not follow the tensorwire format (see docs/FORMAT.md)."""
 
@@ -48,21 +80,120 @@ class CorruptData(FormatError):
     """Structurally impossible content (an index past the end, a code longer than allowed, ...)."""
 
 
+class ShapeMismatch(FormatError):
+    """A payload describes a cache of another shape than the one expected (another model)."""
+
+
 class UnsupportedDType(TensorwireError, TypeError):
     """A dtype tensorwire does not know how to store."""
 
 
+# -- environment and usage ------------------------------------------------------------------
 class MissingDependency(TensorwireError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
-def require(module: str, extra: str):
-    """Import an optional dependency or raise :class:`MissingDependency` naming the extra."""
-    import importlib
+class OutputExists(TensorwireError, FileExistsError):
+    """A command would overwrite an existing file without being told to (``--force``)."""
 
+
+# -- KV stages and pipelines ----------------------------------------------------------------
+class StageConfigError(TensorwireError, ValueError):
+    """A stage or pipeline config is invalid: unknown id, bad parameter, wrong stage order."""
+
+
+class ObservationError(TensorwireError, ValueError):
+    """A selector needs prefill observations (queries) that the cache lacks or that do not fit it."""
+
+
+class UnrepresentableValues(TensorwireError, ValueError):
+    """The KV tensors hold values a lossy quantizer cannot represent (NaN, ±inf, or too large).
+
+    Non-finite keys or values are a bug upstream (the model or a transform); tensorwire
+    does not guess a replacement. Magnitudes beyond the range of a quantizer's parameters
+    (65504 for float16) ask for another quantizer (``cast`` to BF16 or F32) or a transform.
+    """
+
+
+class EvaluationError(TensorwireError, ValueError):
+    """The evaluation cannot run as asked (text too short, bad settings)."""
+
+
+# -- profile libraries ------------------------------------------------------------------------
+class ProfileError(TensorwireError, ValueError):
+    """A profile library, or one profile in it, is invalid."""
+
+
+class LibraryFormatError(ProfileError, FormatError):
+    """The file is not a tensorwire profile library (not JSON, or another ``format``)."""
+
+
+class UnsupportedLibraryVersion(LibraryFormatError, UnsupportedVersion):
+    """The library was written by a format version this build cannot read."""
+
+
+class EmptyLibrary(ProfileError):
+    """The library holds no profile."""
+
+
+class DuplicateProfile(ProfileError):
+    """Two profiles share a name."""
+
+
+class MissingField(ProfileError):
+    """A required field (a measurement, the pipeline, a model dimension) is absent."""
+
+
+class BadMeasurement(ProfileError):
+    """A measurement is not a finite number in its allowed range (e.g. a ratio <= 0)."""
+
+
+class StagesNotInstalled(ProfileError):
+    """Profiles name stage ids that are not registered (:mod:`tensorwire.kv.registry`)."""
+
+
+# -- offline search -----------------------------------------------------------------------------
+class SearchError(TensorwireError, RuntimeError):
+    """The search cannot run as asked (a study of another shape, a worker that failed, ...)."""
+
+
+class SearchSpaceError(TensorwireError, ValueError):
+    """A stage's ``search_space`` or a space restriction is malformed."""
+
+
+class CandidateRejected(TensorwireError, ValueError):
+    """A candidate pipeline is skipped (a skip rule) or invalid (a StageConfigError)."""
+
+
+# -- online control -------------------------------------------------------------------------------
+class ControlWarning(RuntimeWarning):
+    """A bad sample or context was ignored by the online controller (it never raises)."""
+
+
+# -- optional dependencies ---------------------------------------------------------------------------
+# The one extra that brings each optional top-level package (pyproject.toml's
+# optional-dependencies); torch is in several extras, and "hf" is the smallest that has it.
+EXTRAS: dict[str, str] = {
+    "torch": "hf",
+    "safetensors": "hf",
+    "transformers": "hf",
+    "gguf": "kv",
+    "accelerate": "kv",
+    "zstandard": "kv",
+    "lz4": "kv",
+    "constriction": "kv",
+    "matplotlib": "bench",
+    "triton": "gpu",
+    "optuna": "search",
+}
+
+
+def require(module: str):
+    """Import an optional dependency or raise :class:`MissingDependency` naming its extra."""
+    top = module.partition(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MissingDependency(
-            f"{module!r} is not installed; install it with `pip install 'tensorwire[{extra}]'`"
-        ) from exc
+        extra = EXTRAS.get(top)
+        hint = f"pip install 'tensorwire[{extra}]'" if extra else f"pip install {top}"
+        raise MissingDependency(f"{module!r} is not installed; install it with `{hint}`") from exc

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensorwire.codec import EnecCodec, cpu, cpu_huffman, encode_chunk, entropy
+from tensorwire.codec import EnecCodec, chunks, cpu, cpu_huffman, encode_chunk, entropy
 from tensorwire.codec.blocks import BLOCK, MODE_HUFFMAN, n_blocks
 from tensorwire.codec.planes import LAYOUTS
 from tensorwire.errors import CorruptData, FormatError, Truncated
@@ -20,18 +20,18 @@ IMPLS = ("reference", "cpu")
 
 def roundtrip(layout, words) -> np.ndarray:
     """Both encoders write the same bytes; both decoders give the words back."""
-    ref = entropy.encode_huffman(words, layout, impl="reference")
-    fast = entropy.encode_huffman(words, layout, impl="cpu")
+    ref = chunks.encode_huffman(words, layout, impl="reference")
+    fast = chunks.encode_huffman(words, layout, impl="cpu")
     assert fast.tobytes() == ref.tobytes(), "numba and reference encoders must write identical bytes"
     for impl in IMPLS:
-        np.testing.assert_array_equal(entropy.decode_huffman(ref, layout, words.size, impl=impl), words)
+        np.testing.assert_array_equal(chunks.decode_huffman(ref, layout, words.size, impl=impl), words)
     return ref.copy()
 
 
 def decode_outcome(buf, layout, n, impl):
     """The decoded words, or the error class: what a caller would see."""
     try:
-        return entropy.decode_huffman(buf, layout, n, impl=impl)
+        return chunks.decode_huffman(buf, layout, n, impl=impl)
     except FormatError as exc:
         return type(exc)
 
@@ -51,7 +51,7 @@ def test_roundtrip_property(case):
     if words.size == 0:
         for impl in IMPLS:
             with pytest.raises(ValueError):
-                entropy.encode_huffman(words, layout, impl=impl)
+                chunks.encode_huffman(words, layout, impl=impl)
         return
     roundtrip(layout, words)
 
@@ -121,26 +121,26 @@ def test_parallel_and_serial_kernels_agree(name, threads):
     before = cpu.get_threads()
     cpu.set_threads(threads)
     try:
-        buf = entropy.encode_huffman(words, layout, impl="cpu")
-        np.testing.assert_array_equal(entropy.decode_huffman(buf, layout, words.size, impl="cpu"), words)
+        buf = chunks.encode_huffman(words, layout, impl="cpu")
+        np.testing.assert_array_equal(chunks.decode_huffman(buf, layout, words.size, impl="cpu"), words)
     finally:
         cpu.set_threads(before)
     # The reference decoder is slow in Python, so compare bytes with the reference encoder only.
-    assert buf.tobytes() == entropy.encode_huffman(words, layout, impl="reference").tobytes()
+    assert buf.tobytes() == chunks.encode_huffman(words, layout, impl="reference").tobytes()
 
 
 def test_decode_into_out_and_bytes_input():
     layout = LAYOUTS["F16"]
     words = weight_like(layout, 1000)
-    buf = entropy.encode_huffman(words, layout)
+    buf = chunks.encode_huffman(words, layout)
     for impl in IMPLS:
         out = np.empty_like(words)
-        assert entropy.decode_huffman(buf.tobytes(), layout, words.size, out, impl=impl) is out
+        assert chunks.decode_huffman(buf.tobytes(), layout, words.size, out, impl=impl) is out
         np.testing.assert_array_equal(out, words)
     with pytest.raises(ValueError, match="out must be"):
-        entropy.decode_huffman(buf, layout, words.size, np.empty(999, dtype=layout.uint))
+        chunks.decode_huffman(buf, layout, words.size, np.empty(999, dtype=layout.uint))
     with pytest.raises(ValueError, match="unknown impl"):
-        entropy.decode_huffman(buf, layout, words.size, impl="gpu")
+        chunks.decode_huffman(buf, layout, words.size, impl="gpu")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -249,7 +249,7 @@ def stream(request):
 def raises_everywhere(kind, buf, layout, n, match=None):
     for impl in IMPLS:
         with pytest.raises(kind, match=match):
-            entropy.decode_huffman(buf, layout, n, impl=impl)
+            chunks.decode_huffman(buf, layout, n, impl=impl)
 
 
 def test_every_truncation_is_detected(stream):

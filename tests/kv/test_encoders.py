@@ -29,7 +29,7 @@ from tensorwire.kv.encoders.lz4 import LZ4
 from tensorwire.kv.encoders.raw import Raw
 from tensorwire.kv.encoders.zstd import Zstd
 from tensorwire.kv.stage import ArrayEncoder, BytesEncoder, Plane, Stage, StageConfigError
-from tensorwire.registry import stage_class
+from tensorwire.kv.registry import stage_class
 from tensorwire.testing.strategies import awkward_values
 from tensorwire.testing.strategies import kv_tensor as kv_like
 

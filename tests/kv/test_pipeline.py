@@ -16,7 +16,7 @@ from tensorwire.kv import Pipeline, ShapeMismatch, Stage, StageConfigError
 from tensorwire.kv.pipeline import PAYLOAD_MAGIC, PREAMBLE, read_header
 from tensorwire.kv.presets import PRESETS, resolve
 from tensorwire.kv.stage import Quantizer
-from tensorwire.registry import BUILTIN_STAGES, stage_class, stage_ids
+from tensorwire.kv.registry import BUILTIN_STAGES, stage_class, stage_ids
 from tensorwire.testing.strategies import kv_cache_data, kv_caches
 
 

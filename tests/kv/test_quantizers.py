@@ -16,7 +16,7 @@ from tensorwire.kv.quantizers.kivi import KIVI, kivi_split
 from tensorwire.kv.quantizers.layerwise import LayerwiseBits
 from tensorwire.kv.quantizers.uniform import Uniform
 from tensorwire.kv.stage import Plane, Quantizer, ShapeMismatch, Stage, StageConfigError
-from tensorwire.registry import stage_class
+from tensorwire.kv.registry import stage_class
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

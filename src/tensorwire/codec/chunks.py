@@ -17,10 +17,10 @@ from typing import Literal
 import numpy as np
 
 from ..errors import CorruptData, FormatError
-from . import blocks
-from .planes import DTYPE_ITEMSIZE, layout_for
+from . import blocks, entropy
+from .planes import DTYPE_ITEMSIZE, FloatLayout, layout_for
 
-__all__ = ["LEVELS", "encode_chunk", "decode_chunk", "Impl", "Level"]
+__all__ = ["LEVELS", "encode_chunk", "decode_chunk", "encode_huffman", "decode_huffman", "Impl", "Level"]
 
 Level = Literal["fast", "max"]
 Impl = Literal["cpu", "reference"]
@@ -31,6 +31,11 @@ HUFFMAN_ALWAYS_ABOVE = 1 << 16  # values; larger chunks always take mode 2 at le
 def _check_level(level: str) -> None:
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in ("cpu", "reference"):
+        raise ValueError(f"unknown impl {impl!r}; expected 'cpu' or 'reference'")
 
 
 def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl = "cpu") -> np.ndarray:
@@ -48,9 +53,7 @@ def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl
     values = raw.view(layout.uint)
     encoded = _encode_lanes(values, layout, impl) if level == "fast" or n <= HUFFMAN_ALWAYS_ABOVE else None
     if level == "max":
-        from . import entropy
-
-        huffman = entropy.encode_huffman(values, layout, impl=impl)
+        huffman = encode_huffman(values, layout, impl=impl)
         # Small chunks can lose to mode 1 (the code-length table is a fixed cost): keep the
         # smaller stream, so that "max" is never larger than "fast".
         if encoded is None or huffman.size < encoded.size:
@@ -100,11 +103,82 @@ def decode_chunk(buf: np.ndarray, dtype: str, n: int, out: np.ndarray | None = N
             values[:] = blocks.decode_lanes(buf, layout, n)
         return out
     if mode == blocks.MODE_HUFFMAN:
-        from . import entropy
-
-        entropy.decode_huffman(buf, layout, n, values, impl=impl)
+        decode_huffman(buf, layout, n, values, impl=impl)
         return out
     raise FormatError(
         f"unknown chunk mode {mode}; this build knows modes 0-2. The file may come from a newer "
         "tensorwire: upgrade, or the file is corrupt"
     )
+
+
+def encode_huffman(values: np.ndarray, layout: FloatLayout, impl: Impl = "cpu") -> np.ndarray:
+    """Encode one chunk as a mode-2 stream.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Unsigned words of the chunk (any shape; at least one value).
+    layout : FloatLayout
+        Their float layout.
+    impl : {"cpu", "reference"}
+        numba kernels or the numpy reference; both write the same bytes.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 chunk stream.
+    """
+    _check_impl(impl)
+    values = np.ascontiguousarray(values).reshape(-1).view(layout.uint)
+    if impl == "reference":
+        return np.frombuffer(entropy.encode_reference(values, layout), dtype=np.uint8)
+    from . import cpu_huffman
+
+    return cpu_huffman.encode_huffman(values, layout)
+
+
+def decode_huffman(
+    buf: np.ndarray,
+    layout: FloatLayout,
+    n: int | None = None,
+    values_out: np.ndarray | None = None,
+    impl: Impl = "cpu",
+) -> np.ndarray:
+    """Decode a mode-2 chunk stream.
+
+    Parameters
+    ----------
+    buf : numpy.ndarray or bytes-like
+        Exactly the chunk stream.
+    layout : FloatLayout
+        Float layout of the values.
+    n : int, optional
+        Values the caller expects; a different count in the header raises CorruptData.
+    values_out : numpy.ndarray, optional
+        ``layout.uint`` array of ``n`` values to write into.
+    impl : {"cpu", "reference"}
+        numba kernels or the numpy reference; both accept the same streams.
+
+    Returns
+    -------
+    numpy.ndarray
+        The unsigned words (``values_out`` when given).
+
+    Raises
+    ------
+    FormatError
+        Or its subclasses Truncated and CorruptData, for any stream that is not a valid
+        mode-2 chunk.
+    """
+    _check_impl(impl)
+    buf = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1).view(np.uint8)
+    if impl == "reference":
+        values = entropy.decode_reference(buf, layout, n)
+        if values_out is None:
+            return values
+        values_out[:] = values
+        return values_out
+    from . import cpu_huffman
+
+    plan = entropy.parse_huffman(buf, layout, n)
+    return cpu_huffman.decode_huffman(buf, plan, layout, values_out)

@@ -4,6 +4,8 @@ This module is the specification in code (docs/FORMAT.md, "Mode 2: huffman"); th
 kernels of ``cpu_huffman.py`` must write and accept exactly the same bytes. The parsing
 and validation in :func:`parse_huffman` and :func:`check_blocks` is shared by every
 implementation, so a kernel only sees offsets and tables that were checked first.
+``chunks.encode_huffman`` / ``chunks.decode_huffman`` choose between this reference and the
+kernels; this module imports neither.
 
 Each value of a chunk is split by ``planes.split`` into its exponent, its raw byte planes
 and its ``rem`` bits. The symbol ``s = (exponent << rem_bits) | rem`` is Huffman coded,
@@ -34,7 +36,6 @@ from __future__ import annotations
 import heapq
 import struct
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -56,8 +57,6 @@ __all__ = [
     "check_blocks",
     "encode_reference",
     "decode_reference",
-    "encode_huffman",
-    "decode_huffman",
 ]
 
 HEADER = struct.Struct("<BBBBI")  # mode, table_bits, reserved, reserved, n
@@ -66,8 +65,6 @@ PADDING = 8  # zero bytes after the bitstreams: a decoder may load 8 bytes at an
 SIZE_DTYPE = np.dtype("<u2")
 # Bytes a block's bitstream can need at most: every symbol at the longest code length.
 MAX_BLOCK_BYTES = (BLOCK * MAX_CODE_BITS + 7) // 8
-
-Impl = Literal["cpu", "reference"]
 
 
 def alphabet_size(layout: FloatLayout) -> int:
@@ -485,84 +482,3 @@ def decode_reference(buf: np.ndarray, layout: FloatLayout, expected_n: int | Non
     rem = symbols & ((1 << layout.rem_bits) - 1)
     exponent = symbols >> layout.rem_bits
     return merge(exponent, planes, rem, layout)
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def _check_impl(impl: str) -> None:
-    if impl not in ("cpu", "reference"):
-        raise ValueError(f"unknown impl {impl!r}; expected 'cpu' or 'reference'")
-
-
-def encode_huffman(values: np.ndarray, layout: FloatLayout, impl: Impl = "cpu") -> np.ndarray:
-    """Encode one chunk as a mode-2 stream.
-
-    Parameters
-    ----------
-    values : numpy.ndarray
-        Unsigned words of the chunk (any shape; at least one value).
-    layout : FloatLayout
-        Their float layout.
-    impl : {"cpu", "reference"}
-        numba kernels or the numpy reference; both write the same bytes.
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 chunk stream.
-    """
-    _check_impl(impl)
-    values = np.ascontiguousarray(values).reshape(-1).view(layout.uint)
-    if impl == "reference":
-        return np.frombuffer(encode_reference(values, layout), dtype=np.uint8)
-    from . import cpu_huffman
-
-    return cpu_huffman.encode_huffman(values, layout)
-
-
-def decode_huffman(
-    buf: np.ndarray,
-    layout: FloatLayout,
-    n: int | None = None,
-    values_out: np.ndarray | None = None,
-    impl: Impl = "cpu",
-) -> np.ndarray:
-    """Decode a mode-2 chunk stream.
-
-    Parameters
-    ----------
-    buf : numpy.ndarray or bytes-like
-        Exactly the chunk stream.
-    layout : FloatLayout
-        Float layout of the values.
-    n : int, optional
-        Values the caller expects; a different count in the header raises CorruptData.
-    values_out : numpy.ndarray, optional
-        ``layout.uint`` array of ``n`` values to write into.
-    impl : {"cpu", "reference"}
-        numba kernels or the numpy reference; both accept the same streams.
-
-    Returns
-    -------
-    numpy.ndarray
-        The unsigned words (``values_out`` when given).
-
-    Raises
-    ------
-    FormatError
-        Or its subclasses Truncated and CorruptData, for any stream that is not a valid
-        mode-2 chunk.
-    """
-    _check_impl(impl)
-    buf = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1).view(np.uint8)
-    if impl == "reference":
-        values = decode_reference(buf, layout, n)
-        if values_out is None:
-            return values
-        values_out[:] = values
-        return values_out
-    from . import cpu_huffman
-
-    plan = parse_huffman(buf, layout, n)
-    return cpu_huffman.decode_huffman(buf, plan, layout, values_out)

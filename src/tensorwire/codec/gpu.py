@@ -80,7 +80,7 @@ tl: Any = None
 def available() -> bool:
     """Whether triton can be imported (a decode can run, on a GPU or in the interpreter)."""
     try:
-        require("triton", "gpu")
+        require("triton")
     except ImportError:
         return False
     return True
@@ -181,8 +181,8 @@ def _lanes_kernel(
 def _build(interpret: bool):
     """The jitted kernels, built once for the interpreter and once for the compiler."""
     global tl
-    triton = require("triton", "gpu")
-    tl = require("triton.language", "gpu")
+    triton = require("triton")
+    tl = require("triton.language")
     try:  # wrap as asked, whatever TRITON_INTERPRET says now
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction as wrap
@@ -195,7 +195,7 @@ def _build(interpret: bool):
 
 
 def _interpreting() -> bool:
-    triton = require("triton", "gpu")
+    triton = require("triton")
     knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
     if knobs is not None:
         return bool(knobs.runtime.interpret)
@@ -207,7 +207,7 @@ def _kernels():
 
 
 def _torch():
-    return require("torch", "gpu")
+    return require("torch")
 
 
 # ----------------------------------------------------------------------------- plans

@@ -33,7 +33,7 @@ def save_file(
     >>> tensorwire.load_file("/tmp/doc.twz")["w"].shape
     torch.Size([2, 3])
     """
-    from ..integrations.torch import as_numpy
+    from ..codec.arrays import as_numpy
 
     arrays = {name: as_numpy(t) for name, t in tensors.items()}
     with atomic_output(path) as f:

@@ -135,7 +135,7 @@ class TwzFile:
         On an accelerator the compressed chunks are copied over and decoded there (Triton
         kernels, ``tensorwire[gpu]``), so only compressed bytes cross the host link.
         """
-        from ..integrations.torch import from_numpy
+        from ..codec.arrays import from_numpy
 
         if str(device) == "cpu" or str(device).startswith("cpu:"):
             return from_numpy(self.get_numpy(name), device="cpu")
@@ -148,9 +148,9 @@ class TwzFile:
         ``device`` may be ``"cpu"``: that is how this path is tested without a GPU.
         """
         from ..codec.gpu import decode_chunk_device
-        from ..integrations.torch import torch_dtype
+        from ..codec.arrays import torch_dtype
 
-        torch = require("torch", "gpu")
+        torch = require("torch")
         entry = self.entry(name)
         out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype), device=device)
         flat = out.reshape(-1).view(torch.uint8)

@@ -48,6 +48,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import ControlWarning
+
 __all__ = ["ArmState", "ControlWarning", "DiscountedThompson", "DiscountedUCB", "ResidualBandit", "ResidualPrior"]
 
 # A residual outside [1/20, 20] is a measurement glitch, not the profile: clip before learning.
@@ -57,10 +59,6 @@ LOG_CLIP = math.log(20.0)
 @lru_cache(maxsize=16)
 def _z(quantile: float) -> float:
     return NormalDist().inv_cdf(quantile)
-
-
-class ControlWarning(RuntimeWarning):
-    """A bad sample or context was ignored by the online controller (it never raises)."""
 
 
 @dataclass(frozen=True)

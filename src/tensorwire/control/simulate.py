@@ -493,7 +493,7 @@ def plot(result: dict[str, Any], png_path: str | os.PathLike[str], window: int =
     (the first seed's run)."""
     from ..errors import require
 
-    matplotlib = require("matplotlib", "bench")
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -35,7 +35,7 @@ def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel
     --------
     >>> model = from_pretrained("SmolLM2-twz", "AutoModelForCausalLM")  # doctest: +SKIP
     """
-    transformers = require("transformers", "hf")
+    transformers = require("transformers")
     config = transformers.AutoConfig.from_pretrained(folder, **config_kwargs)
     state = load_state_dict(folder, device=device)
     # Build the model in the checkpoint's float dtype, as transformers' own loader does.

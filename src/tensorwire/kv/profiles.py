@@ -50,7 +50,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, TensorwireError, UnsupportedVersion
+from ..errors import (
+    BadMeasurement,
+    DuplicateProfile,
+    EmptyLibrary,
+    LibraryFormatError,
+    MissingField,
+    ProfileError,
+    StagesNotInstalled,
+    TensorwireError,
+    UnsupportedLibraryVersion,
+)
 
 __all__ = [
     "FORMAT",
@@ -76,38 +86,6 @@ RAW = "raw"  # the name of "send the cache uncompressed"; no profile may take it
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "F8_E5M2": 1}
 _PROFILE_FIELDS = ("name", "pipeline", "ratio", "ppl_increase", "retrieval_drop", "encode_bps", "decode_bps", "threads")
 _MODEL_FIELDS = ("name", "n_layers", "kv_heads", "head_dim")
-
-
-class ProfileError(TensorwireError, ValueError):
-    """A profile library, or one profile in it, is invalid."""
-
-
-class LibraryFormatError(ProfileError, FormatError):
-    """The file is not a tensorwire profile library (not JSON, or another ``format``)."""
-
-
-class UnsupportedLibraryVersion(LibraryFormatError, UnsupportedVersion):
-    """The library was written by a format version this build cannot read."""
-
-
-class EmptyLibrary(ProfileError):
-    """The library holds no profile."""
-
-
-class DuplicateProfile(ProfileError):
-    """Two profiles share a name."""
-
-
-class MissingField(ProfileError):
-    """A required field (a measurement, the pipeline, a model dimension) is absent."""
-
-
-class BadMeasurement(ProfileError):
-    """A measurement is not a finite number in its allowed range (e.g. a ratio <= 0)."""
-
-
-class StagesNotInstalled(ProfileError):
-    """Profiles name stage ids that are not in :mod:`tensorwire.registry`."""
 
 
 def _umask() -> int:
@@ -344,11 +322,11 @@ class ProfileLibrary:
     def check_installed(self, deep: bool = False) -> dict[str, tuple[str, ...]]:
         """Profiles that cannot run here: ``{profile name: (missing stage id, ...)}``.
 
-        A stage id is missing when :func:`tensorwire.registry.stage_ids` does not list it.
+        A stage id is missing when :func:`tensorwire.kv.registry.stage_ids` does not list it.
         With ``deep=True`` each listed id's class is also imported, so an id whose module or
         optional dependency is absent counts as missing too. An empty dict: all can run.
         """
-        from ..registry import stage_class, stage_ids
+        from .registry import stage_class, stage_ids
 
         known = set(stage_ids())
         importable: dict[str, bool] = {}

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TensorwireError
+from ..errors import EvaluationError
 from . import hf
 from .pipeline import Pipeline
 from .stage import KVCacheData
@@ -58,10 +58,6 @@ FIRST_NAMES = ("Mira", "Tobias", "Ilse", "Dario", "Nadia", "Oskar", "Leona", "Pi
                "Hale", "Ysolde", "Bram", "Odile", "Fenna", "Quillon", "Rasmus", "Tamsin", "Ulric", "Veda")  # fmt: skip
 LAST_NAMES = ("Castellan", "Venn", "Marrow", "Quell", "Fenwick", "Lindqvist", "Ashdown", "Brantley", "Corvo",
               "Dunmore", "Eskildsen", "Farrow", "Galloway", "Holmqvist", "Ingram", "Jessop")  # fmt: skip
-
-
-class EvaluationError(TensorwireError, ValueError):
-    """The evaluation cannot run as asked (text too short, bad settings)."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,7 @@ class Evaluator:
 
     Example
     -------
-    >>> model, tokenizer = hf.load_smollm2()                               # doctest: +SKIP
+    >>> model, tokenizer = load_smollm2()                               # doctest: +SKIP
     >>> ev = Evaluator(model, tokenizer, EvalSettings("wikitext-2-raw-test.txt"))  # doctest: +SKIP
     >>> ev.evaluate(Pipeline.from_config({"stages": [{"id": "kivi", "k_bits": 4, "v_bits": 4}]}))  # doctest: +SKIP
     """

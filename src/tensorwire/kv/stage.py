@@ -7,7 +7,7 @@ A pipeline (``pipeline.py``) runs, in this order::
 
 Every stage is a small frozen dataclass whose fields are its parameters. ``to_config()``
 returns plain JSON with the registry ``"id"``; ``Stage.from_config`` builds any stage back
-from such a dict through :mod:`tensorwire.registry`, so a pipeline config is a profile.
+from such a dict through :mod:`tensorwire.kv.registry`, so a pipeline config is a profile.
 
 Shapes: a cache is a list of :class:`KVLayer`, one per decoder layer, each holding
 ``keys`` and ``values`` of shape ``(batch, kv_heads, tokens, head_dim)`` as float32 and
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import FormatError, TensorwireError
+from ..errors import ObservationError, ShapeMismatch, StageConfigError, TensorwireError
 
 __all__ = [
     "KVLayer",
@@ -42,19 +42,10 @@ __all__ = [
     "StageConfigError",
     "ShapeMismatch",
     "ObservationError",
+    "SLOTS",
+    "SINGLE_SLOTS",
+    "slot_of",
 ]
-
-
-class StageConfigError(TensorwireError, ValueError):
-    """A stage or pipeline config is invalid: unknown id, bad parameter, wrong stage order."""
-
-
-class ObservationError(TensorwireError, ValueError):
-    """A selector needs prefill observations (queries) that the cache lacks or that do not fit it."""
-
-
-class ShapeMismatch(FormatError):
-    """A payload describes a cache of another shape than the one expected (another model)."""
 
 
 @dataclass
@@ -159,7 +150,7 @@ class Stage:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Stage":
         """Build the stage a config names (any registered id when called on ``Stage``)."""
-        from ..registry import stage_class
+        from .registry import stage_class
 
         if not isinstance(config, dict) or "id" not in config:
             raise StageConfigError(f"a stage config is a dict with an 'id', got {config!r}")
@@ -275,3 +266,19 @@ class BytesEncoder(Stage):
     def decode(self, data: bytes | memoryview, size: int) -> bytes:
         """Inverse of ``encode``; ``size`` is the exact decoded size (from the payload header)."""
         raise NotImplementedError
+
+
+# The slots of a pipeline, in the order it runs them (docs/FORMAT.md, "KV payload"). The
+# pipeline checks its stages against this order; the search space is built slot by slot.
+SLOTS: tuple[str, ...] = ("transform", "selector", "quantizer", "array_encoder", "bytes_encoder")
+SINGLE_SLOTS = frozenset({"selector", "quantizer", "array_encoder"})  # at most one stage each
+_SLOT_BASES: tuple[tuple[str, type[Stage]], ...] = (
+    ("transform", Transform), ("selector", Selector), ("quantizer", Quantizer),
+    ("array_encoder", ArrayEncoder), ("bytes_encoder", BytesEncoder),
+)  # fmt: skip
+
+
+def slot_of(stage: Stage | type) -> str | None:
+    """The slot a stage (or stage class) fills, or None for a class that is not a KV stage."""
+    klass = stage if isinstance(stage, type) else type(stage)
+    return next((slot for slot, base in _SLOT_BASES if issubclass(klass, base)), None)

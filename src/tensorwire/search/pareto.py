@@ -139,7 +139,7 @@ def plot_pareto(ratio: Any, ppl_increase: Any, codec_bps: Any, pareto: Any, path
     """
     from ..errors import require
 
-    require("matplotlib", "kv")
+    require("matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")

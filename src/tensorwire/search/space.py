@@ -48,9 +48,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import TensorwireError, require
+from ..errors import CandidateRejected, SearchSpaceError, require
 from ..kv.pipeline import Pipeline
-from ..kv.stage import ArrayEncoder, BytesEncoder, Quantizer, Selector, StageConfigError, Transform
+from ..kv.stage import SLOTS as STAGE_SLOTS
+from ..kv.stage import StageConfigError, slot_of
 
 __all__ = [
     "DEFAULT_OPTIONAL",
@@ -70,21 +71,13 @@ __all__ = [
 ]
 
 NONE = "none"  # the choice that leaves a slot empty
+# The search's slots: a pipeline's (kv.stage.SLOTS), with the array and bytes encoders
+# merged into one slot of encoder chains.
 SLOTS = ("transform", "selector", "quantizer", "encoder")
 DEFAULT_OPTIONAL = frozenset({"transform", "selector"})
 # Quantizers whose planes are floats, not codes (the skip rules below need to know).
 FLOAT_QUANTIZERS = frozenset({"cast"})
-_KINDS = {"transform": Transform, "selector": Selector, "quantizer": Quantizer}
-_STAGE_SLOTS = ("transform", "selector", "quantizer", "array_encoder", "bytes_encoder")  # what SkipRule sees
 _SCALARS = (type(None), bool, int, float, str)
-
-
-class SearchSpaceError(TensorwireError, ValueError):
-    """A stage's ``search_space`` or a space restriction is malformed."""
-
-
-class CandidateRejected(TensorwireError, ValueError):
-    """A candidate pipeline is skipped (a :class:`SkipRule`) or invalid (a StageConfigError)."""
 
 
 def config_key(config: Mapping[str, Any] | Pipeline) -> str:
@@ -100,7 +93,7 @@ def lossy_key(config: Mapping[str, Any] | Pipeline) -> str:
     cache and have the same quality; only their size and speed differ.
     """
     pipeline = config if isinstance(config, Pipeline) else Pipeline.from_config(dict(config))
-    lossy = [s.to_config() for s in pipeline.stages if isinstance(s, (Transform, Selector, Quantizer))]
+    lossy = [s.to_config() for s in pipeline.stages if slot_of(s) in ("transform", "selector", "quantizer")]
     return json.dumps(lossy, sort_keys=True, separators=(",", ":"))
 
 
@@ -148,7 +141,7 @@ class StageSpace:
     @classmethod
     def of(cls, stage_id: str, params: Mapping[str, Any] | None = None) -> StageSpace:
         """The space of ``stage_id``: its class's ``search_space``, or ``params`` instead."""
-        from ..registry import stage_class
+        from ..kv.registry import stage_class
 
         klass = stage_class(stage_id)
         declared = getattr(klass, "search_space", None) if params is None else params
@@ -241,7 +234,7 @@ class StageSpace:
 
 def optuna_module():
     """``import optuna``, or :class:`~tensorwire.errors.MissingDependency` naming the ``search`` extra."""
-    return require("optuna", "search")
+    return require("optuna")
 
 
 def ask(trial, name: str, distribution) -> Any:
@@ -307,17 +300,6 @@ DEFAULT_RULES: tuple[SkipRule, ...] = (
 
 
 # -- the space --------------------------------------------------------------------------
-def _slot_of(klass: type) -> str | None:
-    if issubclass(klass, ArrayEncoder):
-        return "array_encoder"
-    if issubclass(klass, BytesEncoder):
-        return "bytes_encoder"
-    for slot, kind in _KINDS.items():
-        if issubclass(klass, kind):
-            return slot
-    return None
-
-
 @dataclass(frozen=True)
 class EncoderChain:
     """An array encoder, optionally followed by one bytes encoder; labelled ``"raw+zstd"``."""
@@ -379,7 +361,7 @@ class SearchSpace:
         rules : iterable of SkipRule
             Combinations to skip (:data:`DEFAULT_RULES`).
         """
-        from ..registry import stage_class, stage_ids
+        from ..kv.registry import stage_class, stage_ids
 
         if stages is None:
             chosen: dict[str, Mapping[str, Any] | None] = {
@@ -389,10 +371,10 @@ class SearchSpace:
             chosen = dict(stages)
         else:
             chosen = {i: None for i in stages}
-        by_slot: dict[str, list[StageSpace]] = {s: [] for s in _STAGE_SLOTS}
+        by_slot: dict[str, list[StageSpace]] = {s: [] for s in STAGE_SLOTS}
         for stage_id, params in chosen.items():
             space = StageSpace.of(stage_id, params)
-            slot = _slot_of(space.stage_class)
+            slot = slot_of(space.stage_class)
             if slot is None:
                 raise SearchSpaceError(f"stage {stage_id!r} is a {space.stage_class.__name__}, not a KV stage kind")
             by_slot[slot].append(space)
@@ -513,11 +495,11 @@ class SearchSpace:
 
 def slot_view(config: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
     """``{slot: stage config or None}`` of a pipeline config (the first stage of each kind)."""
-    from ..registry import stage_class
+    from ..kv.registry import stage_class
 
-    view: dict[str, dict[str, Any] | None] = dict.fromkeys(_STAGE_SLOTS)
+    view: dict[str, dict[str, Any] | None] = dict.fromkeys(STAGE_SLOTS)
     for stage in config.get("stages", ()):
-        slot = _slot_of(stage_class(stage["id"]))
+        slot = slot_of(stage_class(stage["id"]))
         if slot is not None and view[slot] is None:
             view[slot] = _with_defaults(stage)
     return view
@@ -525,7 +507,7 @@ def slot_view(config: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
 
 def _with_defaults(stage: Mapping[str, Any]) -> dict[str, Any]:
     """The stage config with every parameter (defaults filled in), without building the stage."""
-    from ..registry import stage_class
+    from ..kv.registry import stage_class
 
     klass = stage_class(stage["id"])
     full = {"id": stage["id"]}

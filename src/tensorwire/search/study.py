@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TensorwireError
+from ..errors import SearchError, TensorwireError
 from ..kv.profiles import ModelShape, Profile, ProfileLibrary
 from .objectives import DIRECTIONS, OBJECTIVES, Budget, EvaluatorMeasure, Measure, Measurement
 from .pareto import pareto_mask, plot_pareto
@@ -75,12 +75,8 @@ __all__ = [
 ]
 
 SAMPLERS = ("tpe", "gp", "random")
-MODEL_NAME = "SmolLM2-135M-Instruct"  # the model tensorwire.kv.hf.load_smollm2 loads
+MODEL_NAME = "SmolLM2-135M-Instruct"  # the model tensorwire.models.load_smollm2 loads
 CONSTRAINTS = ("ppl_increase", "retrieval_drop")  # optuna constraint names, in Budget.constraints order
-
-
-class SearchError(TensorwireError, RuntimeError):
-    """The search cannot run as asked (a study of another shape, a worker that failed, ...)."""
 
 
 # -- optuna plumbing ------------------------------------------------------------------------
@@ -341,7 +337,7 @@ def profile_name(config: Mapping[str, Any]) -> str:
     """
     import dataclasses
 
-    from ..registry import stage_class
+    from ..kv.registry import stage_class
 
     parts = []
     for stage in config["stages"]:
@@ -432,7 +428,7 @@ class ProfileSettings:
 
 
 def _machine() -> dict[str, Any]:
-    from ..benchmarking.weights import machine_info
+    from ..sysinfo import machine_info
 
     info = machine_info()
     try:
@@ -457,11 +453,12 @@ def _worker(settings: ProfileSettings, index: int, until_total: int) -> None:
     """One search process: load the model, prefill, and run trials until the study is full."""
     from ..kv import hf
     from ..kv.quality import Evaluator
+    from ..models import load_smollm2
 
     torch = hf._torch()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // max(1, settings.workers)))
-    model, tokenizer = hf.load_smollm2()
+    model, tokenizer = load_smollm2()
     evaluator = Evaluator(model, tokenizer, _eval_settings(settings))
     search = ProfileSearch(SearchSpace.from_registry(), EvaluatorMeasure(evaluator), storage=settings.storage_url(),
                            study_name=settings.study_name, budget=settings.budget, sampler=settings.sampler,

@@ -116,7 +116,7 @@ def quantize_frequencies(counts: np.ndarray, total: int = _TOTAL) -> np.ndarray:
 
 
 def _model(freq: np.ndarray):
-    constriction = require("constriction", "kv")
+    constriction = require("constriction")
     return constriction.stream.model.Categorical(freq.astype(np.float64) / _TOTAL, perfect=False)
 
 
@@ -200,7 +200,7 @@ class ANS(ArrayEncoder):
         tables = [f[p].astype(_FREQ).tobytes() for f, p in zip(freq, present[coded])]
         words = b""
         if coded.size:
-            constriction = require("constriction", "kv")
+            constriction = require("constriction")
             coder = constriction.stream.stack.AnsCoder()
             index = np.zeros(alphabet, dtype=np.int32)
             for at in reversed(range(coded.size)):  # a stack: the last group coded is the first decoded
@@ -286,7 +286,7 @@ class ANS(ArrayEncoder):
 
     @staticmethod
     def _decode_words(words_buf, masks, k, coded, freqs, out) -> None:
-        constriction = require("constriction", "kv")
+        constriction = require("constriction")
         words = words_buf.view(_WORD).astype(np.uint32)  # native order, owned by constriction
         try:
             coder = constriction.stream.stack.AnsCoder(words)

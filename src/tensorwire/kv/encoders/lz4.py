@@ -57,13 +57,13 @@ class LZ4(BytesEncoder):
         )
 
     def encode(self, data: bytes | memoryview) -> bytes:
-        block = require("lz4.block", "kv")
+        block = require("lz4.block")
         if self.level == 0:
             return block.compress(data, mode="default", store_size=False)
         return block.compress(data, mode="high_compression", compression=self.level, store_size=False)
 
     def decode(self, data: bytes | memoryview, size: int) -> bytes:
-        block = require("lz4.block", "kv")
+        block = require("lz4.block")
         view = memoryview(data).cast("B")
         size = check_size(size, view.nbytes, MAX_RATIO, "lz4")
         try:

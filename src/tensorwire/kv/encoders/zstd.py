@@ -30,7 +30,7 @@ _local = threading.local()  # zstd contexts are not thread-safe; reusing one per
 
 
 def _compressor(level: int):
-    zstandard = require("zstandard", "kv")
+    zstandard = require("zstandard")
     cache = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
@@ -40,7 +40,7 @@ def _compressor(level: int):
 
 
 def _decompressor():
-    zstandard = require("zstandard", "kv")
+    zstandard = require("zstandard")
     d = getattr(_local, "decompressor", None)
     if d is None:
         d = _local.decompressor = zstandard.ZstdDecompressor()
@@ -80,7 +80,7 @@ class Zstd(BytesEncoder):
         return _compressor(self.level).compress(data)
 
     def decode(self, data: bytes | memoryview, size: int) -> bytes:
-        zstandard = require("zstandard", "kv")
+        zstandard = require("zstandard")
         view = memoryview(data).cast("B")
         size = check_size(size, view.nbytes, MAX_RATIO, "zstd")
         try:
@@ -106,7 +106,7 @@ class Zstd(BytesEncoder):
 
 
 def _decode_empty(view: memoryview) -> bytes:
-    zstandard = require("zstandard", "kv")
+    zstandard = require("zstandard")
     stream = zstandard.ZstdDecompressor().decompressobj()
     try:
         out = stream.decompress(view)
@@ -124,7 +124,7 @@ def _decode_empty(view: memoryview) -> bytes:
 
 def _classify(view: memoryview, exc: Exception) -> Exception:
     """Truncated when a streaming decoder would just wait for more input, else CorruptData."""
-    zstandard = require("zstandard", "kv")
+    zstandard = require("zstandard")
     try:
         stream = zstandard.ZstdDecompressor().decompressobj()
         stream.decompress(view)

@@ -59,7 +59,7 @@ import ml_dtypes
 import numpy as np
 from numba import njit
 
-from ...errors import CorruptData, TensorwireError, UnsupportedDType
+from ...errors import CorruptData, UnrepresentableValues, UnsupportedDType
 from ..stage import Plane, ShapeMismatch
 
 __all__ = [
@@ -96,15 +96,6 @@ _SIGN_OFF = np.int32(0x7FFFFFFF)
 _F32 = np.float32
 _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
-
-
-class UnrepresentableValues(TensorwireError, ValueError):
-    """The KV tensors hold values a lossy quantizer cannot represent (NaN, ±inf, or too large).
-
-    Non-finite keys or values are a bug upstream (the model or a transform); tensorwire
-    does not guess a replacement. Magnitudes beyond the range of a quantizer's parameters
-    (65504 for float16) ask for another quantizer (``cast`` to BF16 or F32) or a transform.
-    """
 
 
 # ----------------------------------------------------------------------------- float16 rounding

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from functools import lru_cache
 
+from ..errors import StageConfigError
+
 __all__ = ["BUILTIN_STAGES", "stage_ids", "stage_class"]
 
 _KV = "tensorwire.kv"
@@ -52,8 +54,6 @@ def stage_ids() -> list[str]:
 
 def stage_class(stage_id: str):
     """The class registered under ``stage_id``; raises StageConfigError for an unknown id."""
-    from .kv.stage import StageConfigError
-
     target = BUILTIN_STAGES.get(stage_id) or _plugins().get(stage_id)
     if target is None:
         raise StageConfigError(f"unknown stage id {stage_id!r}; registered ids: {', '.join(stage_ids())}")

@@ -1,11 +1,15 @@
-"""Zero-copy conversion between torch tensors and numpy arrays of the same bytes."""
+"""Zero-copy conversion between torch tensors and numpy arrays of the same bytes.
+
+The codec works on numpy arrays; torch is optional and imported only when a torch tensor
+is given or asked for. bf16 and fp8 tensors become ml_dtypes arrays over the same bytes.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..codec.dtypes import numpy_dtype
 from ..errors import UnsupportedDType, require
+from .dtypes import dtype_name_of, numpy_dtype
 
 __all__ = ["as_numpy", "to_numpy", "from_numpy", "torch_dtype", "TORCH_NAMES"]
 
@@ -26,7 +30,7 @@ def dtype_name(tensor) -> str:
 
 def torch_dtype(name: str):
     """The torch dtype of a safetensors dtype name."""
-    torch = require("torch", "hf")
+    torch = require("torch")
     return getattr(torch, {v: k for k, v in TORCH_NAMES.items()}[name])
 
 
@@ -41,7 +45,7 @@ def as_numpy(value) -> np.ndarray:
 
 def to_numpy(tensor) -> np.ndarray:
     """The tensor's values as a numpy array (bf16/float8 as ml_dtypes), sharing memory when it can."""
-    torch = require("torch", "hf")
+    torch = require("torch")
     name = dtype_name(tensor)
     t = tensor.detach()
     if t.device.type != "cpu":
@@ -56,9 +60,7 @@ def to_numpy(tensor) -> np.ndarray:
 
 def from_numpy(array: np.ndarray, device: str = "cpu"):
     """A torch tensor over the array's bytes (copied only when moved to another device)."""
-    torch = require("torch", "hf")
-    from ..codec.dtypes import dtype_name_of
-
+    torch = require("torch")
     name = dtype_name_of(array.dtype)
     target = torch_dtype(name)
     arr = array if array.flags.c_contiguous else array.copy(order="C")  # keeps 0-d shapes
