@@ -7,10 +7,10 @@ Order (checked when the pipeline is built)::
 Without a quantizer the planes are the float32 keys and values themselves (lossless with
 lossless transforms and encoders); without an array encoder the planes are stored ``raw``.
 
-The payload (docs/FORMAT.md, "KV payload") carries everything a receiver needs: the
-pipeline config, the cache shape, which token positions were kept, and every layer's
-planes with a checksum per layer, so a layer can be checked and decoded as soon as its
-bytes arrive.
+The payload (docs/FORMAT.md, "KV payload"; framed by ``payload.py``) carries everything a
+receiver needs: the pipeline config, the cache shape, which token positions were kept,
+and every layer's planes with a checksum per layer, so a layer can be checked and decoded
+as soon as its bytes arrive.
 
 Example
 -------
@@ -23,16 +23,15 @@ Example
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import xxhash
 
 from ..codec.dtypes import dtype_name_of, numpy_dtype
-from ..errors import BadMagic, ChecksumMismatch, CorruptData, Truncated, UnsupportedVersion
+from ..errors import CorruptData
+from . import payload
 from .stage import (
     ArrayEncoder,
     BytesEncoder,
@@ -51,12 +50,7 @@ from .stage import (
     slot_of,
 )
 
-__all__ = ["Pipeline", "PAYLOAD_MAGIC", "PAYLOAD_VERSION", "read_header"]
-
-PAYLOAD_MAGIC = b"\x89TWK\r\n\x1a\n"
-PAYLOAD_VERSION = 1
-PREAMBLE = struct.Struct("<8sHHIQ")  # magic, version, flags (reserved, 0), header length, header xxh3-64
-MAX_HEADER = 64 << 20
+__all__ = ["Pipeline"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +146,7 @@ class Pipeline:
         return b"".join(self.encode_parts(_as_data(cache, observations)))
 
     def encode_parts(self, data: KVCacheData) -> Iterator[bytes]:
-        """Yield the payload in pieces: preamble + header first, then one piece per layer.
+        """Yield the payload in pieces: preamble + header first, then the bitmap and the sections.
 
         The header needs every section's size, so all layers are encoded before the first
         piece is yielded; a transport that overlaps per-layer encode with sending uses
@@ -179,9 +173,7 @@ class Pipeline:
             "positions": positions,
             "layers": tables,
         }
-        header_bytes = json.dumps(header, separators=(",", ":")).encode()
-        yield PREAMBLE.pack(PAYLOAD_MAGIC, PAYLOAD_VERSION, 0, len(header_bytes), xxhash.xxh3_64_intdigest(header_bytes))
-        yield header_bytes
+        yield payload.pack_header(header)
         yield bitmap
         yield from bodies
 
@@ -200,13 +192,8 @@ class Pipeline:
                 )
             indices = selector.select(data)
             layers = [_gather(layer, idx) for layer, idx in zip(data.layers, indices)]
-        full = all(
-            layer.positions.shape[-1] == data.seq_len and _is_arange(layer.positions) for layer in layers
-        )
-        if full:
-            return layers, "all", b""
-        bitmap = _positions_bitmap(layers, data.seq_len)
-        return layers, {"encoding": "bitmap", "nbytes": len(bitmap), "xxh3": xxhash.xxh3_64_hexdigest(bitmap)}, bitmap
+        spec, bitmap = payload.positions_section(layers, data.seq_len)
+        return layers, spec, bitmap
 
     def encode_layer(self, index: int, n_layers: int, keys: np.ndarray, values: np.ndarray) -> tuple[list[bytes], dict]:
         """Encode one layer's (selected) keys and values; returns its sections and its header entry."""
@@ -228,14 +215,11 @@ class Pipeline:
                 sizes.append(len(blob))
             pieces.append(blob)
             sections.append([name, dtype_name_of(plane.data.dtype), list(plane.data.shape), plane.bits, sizes])
-        digest = xxhash.xxh3_64()
-        for piece in pieces:
-            digest.update(piece)
-        return pieces, {"sections": sections, "xxh3": digest.hexdigest()}
+        return pieces, payload.layer_table(sections, pieces)
 
     # -- decoding ------------------------------------------------------------------------
     @staticmethod
-    def decode(payload: bytes | bytearray | memoryview, expect: dict[str, int] | None = None):
+    def decode(data: bytes | bytearray | memoryview, expect: dict[str, int] | None = None):
         """Decode a payload into a :class:`tensorwire.kv.hf.PositionedCache` (a ``DynamicCache``).
 
         ``expect`` (e.g. ``{"n_layers": 30, "kv_heads": 3, "head_dim": 64}``) rejects a
@@ -243,13 +227,13 @@ class Pipeline:
         """
         from .hf import data_to_cache
 
-        return data_to_cache(Pipeline.decode_data(payload, expect))
+        return data_to_cache(Pipeline.decode_data(data, expect))
 
     @staticmethod
-    def decode_data(payload: bytes | bytearray | memoryview, expect: dict[str, int] | None = None) -> KVCacheData:
+    def decode_data(data: bytes | bytearray | memoryview, expect: dict[str, int] | None = None) -> KVCacheData:
         """Decode a payload into :class:`KVCacheData` (numpy arrays and kept positions)."""
-        view = memoryview(payload).cast("B")
-        header, body_start = read_header(view)
+        view = memoryview(data).cast("B")
+        header, at = payload.read_header(view)
         pipe = Pipeline.from_config(header["pipeline"])
         cache = header["cache"]
         for key, want in (expect or {}).items():
@@ -258,28 +242,13 @@ class Pipeline:
                     f"the payload is for a cache with {key}={cache.get(key)}, this receiver expects {want}; "
                     "it was made for another model"
                 )
-        n_layers, batch, heads, dim, seq_len, kept = (
-            cache["n_layers"], cache["batch"], cache["kv_heads"], cache["head_dim"], cache["seq_len"], cache["kept"]
-        )  # fmt: skip
-        at = body_start
-        positions = _read_positions(header["positions"], view, at, n_layers, batch, heads, seq_len, kept)
-        if header["positions"] != "all":
-            at += header["positions"]["nbytes"]
+        positions, at = payload.read_positions(header, view, at)
+        shape = (cache["batch"], cache["kv_heads"], cache["kept"], cache["head_dim"])
         layers = []
-        shape = (batch, heads, kept, dim)
-        for index, table in enumerate(header["layers"]):
-            size = sum(section[4][-1] for section in table["sections"])
-            body = view[at : at + size]
-            if len(body) < size:
-                raise Truncated(f"layer {index} needs {size} bytes, the payload has {len(body)} left; it was cut short")
-            if xxhash.xxh3_64_hexdigest(body) != table["xxh3"]:
-                raise ChecksumMismatch(f"layer {index} of the KV payload fails its checksum; the bytes were altered")
-            keys, values = pipe.decode_layer(index, n_layers, table, body, shape)
+        for index, table, body in payload.layer_bodies(header, view, at):
+            keys, values = pipe.decode_layer(index, cache["n_layers"], table, body, shape)
             layers.append(KVLayer(keys, values, positions[index]))
-            at += size
-        if at != len(view):
-            raise CorruptData(f"the KV payload has {len(view) - at} bytes after its last layer; expected none")
-        return KVCacheData(layers, seq_len=seq_len, dtype=cache["dtype"])
+        return KVCacheData(layers, seq_len=cache["seq_len"], dtype=cache["dtype"])
 
     def decode_layer(
         self, index: int, n_layers: int, table: dict, body: memoryview, shape: tuple[int, int, int, int]
@@ -306,51 +275,6 @@ class Pipeline:
         return np.ascontiguousarray(keys, dtype=np.float32), np.ascontiguousarray(values, dtype=np.float32)
 
 
-def read_header(view: memoryview) -> tuple[dict[str, Any], int]:
-    """Parse and check a payload's preamble and JSON header; returns (header, body offset)."""
-    if len(view) < PREAMBLE.size:
-        raise Truncated(f"a KV payload starts with a {PREAMBLE.size}-byte preamble, got {len(view)} bytes")
-    magic, version, flags, length, digest = PREAMBLE.unpack_from(view, 0)
-    if magic != PAYLOAD_MAGIC:
-        raise BadMagic(f"not a tensorwire KV payload: starts with {bytes(magic)!r}, expected {PAYLOAD_MAGIC!r}")
-    if version != PAYLOAD_VERSION:
-        raise UnsupportedVersion(f"KV payload version {version}; this build reads version {PAYLOAD_VERSION}: upgrade tensorwire")
-    if flags != 0:
-        raise CorruptData(f"KV payload flags are reserved and must be 0, found {flags:#x}")
-    if length > MAX_HEADER:
-        raise CorruptData(f"KV payload header claims {length} bytes, more than the {MAX_HEADER} allowed")
-    end = PREAMBLE.size + length
-    if len(view) < end:
-        raise Truncated(f"the KV payload header needs {length} bytes, only {len(view) - PREAMBLE.size} follow")
-    raw = bytes(view[PREAMBLE.size : end])
-    if xxhash.xxh3_64_intdigest(raw) != digest:
-        raise ChecksumMismatch("the KV payload header fails its checksum; the bytes were altered")
-    try:
-        header = json.loads(raw)
-        _check_header(header)
-    except (ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, CorruptData):
-            raise
-        raise CorruptData(f"the KV payload header is not valid: {exc}") from exc
-    return header, end
-
-
-def _check_header(header: dict) -> None:
-    cache = header["cache"]
-    for key in ("n_layers", "batch", "kv_heads", "head_dim", "seq_len", "kept"):
-        if not isinstance(cache[key], int) or cache[key] < 0:
-            raise CorruptData(f"KV payload header field cache.{key} must be a non-negative int, found {cache[key]!r}")
-    if cache["kept"] > cache["seq_len"]:
-        raise CorruptData(f"the header keeps {cache['kept']} tokens of a {cache['seq_len']}-token sequence")
-    if len(header["layers"]) != cache["n_layers"]:
-        raise CorruptData(f"the header lists {len(header['layers'])} layers, its cache says {cache['n_layers']}")
-    for table in header["layers"]:
-        for name, dtype_name, shape, bits, sizes in table["sections"]:
-            numpy_dtype(dtype_name)
-            if not all(isinstance(s, int) and s >= 0 for s in [*shape, *sizes]) or not sizes:
-                raise CorruptData(f"section {name!r} has a bad shape {shape} or sizes {sizes}")
-
-
 def _as_data(cache: Any, observations: Any) -> KVCacheData:
     if isinstance(cache, KVCacheData):
         if observations is not None:
@@ -372,39 +296,3 @@ def _gather(layer: KVLayer, index: np.ndarray) -> KVLayer:
         return np.take(a.reshape(batch * heads * tokens, -1), rows, axis=0).reshape(*index.shape, a.shape[-1])
 
     return KVLayer(take(layer.keys), take(layer.values), np.take_along_axis(layer.positions, index, axis=2))
-
-
-def _is_arange(positions: np.ndarray) -> bool:
-    return bool(np.array_equal(positions, np.broadcast_to(np.arange(positions.shape[-1]), positions.shape)))
-
-
-def _positions_bitmap(layers: list[KVLayer], seq_len: int) -> bytes:
-    """One bit per (layer, batch, head, position): 1 where the token was kept."""
-    n_layers, (batch, heads) = len(layers), layers[0].positions.shape[:2]
-    bits = np.zeros((n_layers, batch, heads, seq_len), dtype=bool)
-    for i, layer in enumerate(layers):
-        np.put_along_axis(bits[i], layer.positions, True, axis=2)
-    return np.packbits(bits, axis=-1, bitorder="little").tobytes()
-
-
-def _read_positions(spec: Any, view: memoryview, at: int, n_layers: int, batch: int, heads: int, seq_len: int, kept: int):
-    if spec == "all":
-        if kept != seq_len:
-            raise CorruptData(f"the header keeps {kept} of {seq_len} tokens but lists no positions")
-        full = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, heads, seq_len))
-        return [full.copy() for _ in range(n_layers)]
-    row = (seq_len + 7) // 8
-    nbytes = n_layers * batch * heads * row
-    if spec.get("encoding") != "bitmap" or spec.get("nbytes") != nbytes:
-        raise CorruptData(f"positions must be a bitmap of {nbytes} bytes, the header says {spec!r}")
-    raw = view[at : at + nbytes]
-    if len(raw) < nbytes:
-        raise Truncated(f"the kept-positions bitmap needs {nbytes} bytes, {len(raw)} are left")
-    if xxhash.xxh3_64_hexdigest(raw) != spec.get("xxh3"):
-        raise ChecksumMismatch("the kept-positions bitmap fails its checksum; the bytes were altered")
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8).reshape(n_layers, batch, heads, row), axis=-1,
-                         count=seq_len, bitorder="little").astype(bool)  # fmt: skip
-    if not np.all(bits.sum(axis=-1) == kept):
-        raise CorruptData(f"every head must keep {kept} tokens; the positions bitmap disagrees")
-    _, _, _, pos = np.nonzero(bits)
-    return list(pos.reshape(n_layers, batch, heads, kept).astype(np.int64))
