@@ -8,10 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tensorwire.errors import CorruptData, TensorwireError, UnsupportedDType
+from tensorwire.errors import CorruptData, TensorwireError, UnrepresentableValues, UnsupportedDType
 from tensorwire.kv.quantizers.cast import Cast
-from tensorwire.kv.quantizers.headwise import HeadwiseMixed, head_scores
-from tensorwire.kv.quantizers.kernels import UnrepresentableValues
+from tensorwire.kv.quantizers.headwise import HeadwiseMixed, head_scores, row_scores
 from tensorwire.kv.quantizers.kivi import KIVI, kivi_split
 from tensorwire.kv.quantizers.layerwise import LayerwiseBits
 from tensorwire.kv.quantizers.uniform import Uniform
@@ -508,3 +507,13 @@ BAD_CONFIGS = [
 def test_bad_config(stage_id, params, match):
     with pytest.raises(StageConfigError, match=match):
         Stage.from_config({"id": stage_id, **params})
+
+
+def test_row_scores():
+    x = kv_like(30, (1, 5, 40, 16)).reshape(5, -1)
+    x[2] = 0.0
+    peak, mean = np.abs(x).max(axis=1), np.abs(x).mean(axis=1, dtype=np.float64)
+    np.testing.assert_allclose(
+        row_scores(x, False), np.where(mean > 0, peak / np.maximum(mean, 1e-300), 0), rtol=1e-12
+    )
+    np.testing.assert_allclose(row_scores(x, True), x.var(axis=1, dtype=np.float64), rtol=1e-10)

@@ -28,7 +28,7 @@ Error bounds (``amax`` over the finite values)::
 Non-finite values: F32, BF16 and F16 carry NaN and ±inf as they are (a float format can
 hold them; in BF16/F16 a NaN stays a NaN of the same sign, quiet, its payload truncated).
 A finite value that would round to inf (``|x| >= 65520`` for F16, ``>= 3.3962e38`` for
-BF16) raises :class:`~tensorwire.kv.quantizers.kernels.UnrepresentableValues` instead of
+BF16) raises :class:`~tensorwire.errors.UnrepresentableValues` instead of
 silently becoming inf. F8_E4M3 rejects NaN and ±inf the same way: float8_e4m3fn has no
 infinity, and one NaN would make its head's scale NaN.
 """
@@ -42,17 +42,9 @@ import ml_dtypes
 import numpy as np
 
 from ..stage import Plane, Quantizer
-from .kernels import (
-    UnrepresentableValues,
-    check_kv,
-    check_shape,
-    expect_plane,
-    f8_dequantize,
-    f8_quantize,
-    kv_buffer,
-    narrow,
-    widen,
-)
+from ...errors import UnrepresentableValues
+from .checks import check_kv, check_shape, expect_plane, kv_buffer
+from .floats import f8_dequantize, f8_quantize, narrow, widen
 
 __all__ = ["CAST_DTYPES", "Cast"]
 

@@ -36,16 +36,58 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+from numba import njit
 
 from ...errors import CorruptData
 from ..stage import Plane, Quantizer, is_number
-from .kernels import check_kv, check_shape, expect_plane, row_scores
+from .checks import check_kv, check_shape, expect_plane
+from .floats import MAGNITUDE
 from .kivi import HeadClass, check_residual, dequantize_kivi, kivi_error_bound, kivi_split, quantize_kivi
 from .uniform import check_bits, check_group_size
 
 __all__ = ["SCORES", "HeadwiseMixed", "head_scores"]
 
 SCORES = ("key_outlier", "variance")
+
+
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc"})
+def _row_scores(x, variance, out):
+    """Per row of ``x`` (rows, n): ``max|x| / mean|x|`` (0 for a row of zeros), or the variance.
+
+    Sums run in float64 and may be reassociated (vectorized): the scores only rank heads,
+    and the decoder never recomputes them.
+    """
+    rows, n = x.shape
+    word = np.empty(1, np.int32)  # to read the largest magnitude's bits back as a float
+    for r in range(rows):
+        row = x[r]
+        if variance:
+            total = 0.0
+            for j in range(n):
+                total += np.float64(row[j])
+            mean = total / n
+            squares = 0.0
+            for j in range(n):
+                dev = np.float64(row[j]) - mean
+                squares += dev * dev
+            out[r] = squares / n
+        else:
+            bits = row.view(np.int32)
+            peak = np.int32(0)
+            total = 0.0
+            for j in range(n):
+                a = np.int32(bits[j] & MAGNITUDE)
+                peak = a if a > peak else peak
+                total += np.abs(np.float64(row[j]))
+            word[0] = peak
+            out[r] = np.float64(word.view(np.float32)[0]) / (total / n) if total > 0 else 0.0
+
+
+def row_scores(x: np.ndarray, variance: bool) -> np.ndarray:
+    """float64 score per row of a (rows, n) float32 array (see ``_row_scores``)."""
+    out = np.zeros(x.shape[0], dtype=np.float64)
+    _row_scores(np.ascontiguousarray(x), variance, out)
+    return out
 
 
 def head_scores(score: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:

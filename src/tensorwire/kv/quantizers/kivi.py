@@ -41,18 +41,10 @@ import ml_dtypes
 import numpy as np
 
 from ..stage import Plane, Quantizer, is_int
-from .kernels import (
-    UnrepresentableValues,
-    check_kv,
-    check_shape,
-    dequantize_groups,
-    expect_plane,
-    group_error_bound,
-    kv_buffer,
-    param_shape,
-    quantize_groups,
-    widen,
-)
+from ...errors import UnrepresentableValues
+from .checks import check_kv, check_shape, expect_plane, kv_buffer
+from .floats import widen
+from .groups import dequantize_groups, group_error_bound, param_shape, quantize_groups
 from .uniform import check_bits, check_group_size
 
 __all__ = ["KIVI", "HeadClass", "dequantize_kivi", "kivi_error_bound", "kivi_split", "quantize_kivi", "residual_bound"]

@@ -20,7 +20,7 @@ Decoding is ``x̂ = float32(zero) + float32(code) * float32(scale)`` in float32,
 group's ``zero`` and ``scale``. ``zero`` is the group minimum rounded down to float16,
 ``scale`` the smallest float16 with ``zero + (2**bits - 1) * scale >= maximum``; codes are
 computed from these rounded parameters (round half up, clamped), so no value is clipped.
-The exact arithmetic is in :mod:`tensorwire.kv.quantizers.kernels`.
+The exact arithmetic is in :mod:`tensorwire.kv.quantizers.groups`.
 
 Error bound, for every value of a group with stored scale ``s``::
 
@@ -30,7 +30,7 @@ and ``s <= ((max - min) + ulp16(min)) / (2**bits - 1) * (1 + 2**-10) + 2**-24``.
 :meth:`Uniform.error_bound` returns the bound with the largest ``s`` of the layer.
 Non-finite input, and groups beyond float16 parameters (a minimum below -65504, or
 ``(max - min) / (2**bits - 1)`` above 65504) raise
-:class:`~tensorwire.kv.quantizers.kernels.UnrepresentableValues`.
+:class:`~tensorwire.errors.UnrepresentableValues`.
 """
 
 from __future__ import annotations
@@ -41,25 +41,15 @@ from typing import ClassVar
 import numpy as np
 
 from ..stage import Plane, Quantizer, is_int
-from .kernels import (
-    AXES,
-    BITS,
-    check_kv,
-    check_shape,
-    dequantize_groups,
-    expect_plane,
-    group_error_bound,
-    kv_buffer,
-    param_shape,
-    quantize_groups,
-    widen,
-)
+from .checks import check_kv, check_shape, expect_plane, kv_buffer
+from .floats import widen
+from .groups import AXES, BITS, dequantize_groups, group_error_bound, param_shape, quantize_groups
 
 __all__ = ["Uniform", "check_bits", "check_group_size"]
 
 
 def check_bits(stage, name: str, value) -> None:
-    """``value`` is one of the code widths in :data:`~.kernels.BITS`."""
+    """``value`` is one of the code widths in :data:`~.groups.BITS`."""
     stage.check(
         is_int(value) and value in BITS,
         f"{name} must be one of {list(BITS)}, got {value!r}",

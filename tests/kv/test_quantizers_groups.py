@@ -1,27 +1,21 @@
 """Group-quantization kernels against a numpy reference written from the documented rule.
 
-The reference below is the module docstring of ``kernels.py`` in numpy: float16 rounding
+The reference below is the module docstring of ``groups.py`` in numpy: float16 rounding
 by numpy's cast plus ``nextafter``, group minima and maxima by numpy reductions. The numba
 kernels must reproduce it bit for bit, and stay within the documented bounds.
 """
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tensorwire.kv.quantizers import kernels
-from tensorwire.kv.quantizers.kernels import (
-    BITS,
-    UnrepresentableValues,
-    dequantize_groups,
-    param_shape,
-    quantize_groups,
-)
+from tensorwire.errors import UnrepresentableValues
+from tensorwire.kv.quantizers import floats, groups
+from tensorwire.kv.quantizers.groups import BITS, dequantize_groups, param_shape, quantize_groups
 
 from .test_quantizers import kv_like
 
@@ -85,7 +79,7 @@ def run_kernels(x3, rows, t1, axis, group, bits):
     codes = quantize_groups(x3, rows, t1, axis, group, bits, zero, scale)
     out = np.full(x3.shape, np.nan, dtype=np.float32)
     dequantize_groups(
-        codes, rows, axis, group, kernels.widen(zero.view(np.float16)), kernels.widen(scale.view(np.float16)), out
+        codes, rows, axis, group, floats.widen(zero.view(np.float16)), floats.widen(scale.view(np.float16)), out
     )
     return codes, zero.view(np.float16), scale.view(np.float16), out
 
@@ -104,7 +98,7 @@ AWKWARD_F32 = np.array(
 def test_f16_directed_rounding_matches_numpy(values):
     values = np.concatenate([values, AWKWARD_F32])
     for up in (False, True):
-        got = kernels.f16_round(values, up)
+        got = groups.f16_round(values, up)
         want = f16_directed(values, up)
         assert got.tobytes() == want.tobytes()
         finite = np.isfinite(got)
@@ -116,11 +110,11 @@ def test_f16_rounding_of_every_float16_and_its_neighbours():
     every = np.arange(0x7C00, dtype=np.uint16).view(np.float16)
     every = np.concatenate([every, -every]).astype(np.float32)
     for up in (False, True):
-        assert kernels.f16_round(every, up).tobytes() == every.astype(np.float16).tobytes()
+        assert groups.f16_round(every, up).tobytes() == every.astype(np.float16).tobytes()
     for direction in (np.float32(-np.inf), np.float32(np.inf)):
         near = np.nextafter(every, direction)
         for up in (False, True):
-            assert kernels.f16_round(near, up).tobytes() == f16_directed(near, up).tobytes()
+            assert groups.f16_round(near, up).tobytes() == f16_directed(near, up).tobytes()
 
 
 # ----------------------------------------------------------------------------- kernels = reference
@@ -222,84 +216,3 @@ def test_overflow_status_names_the_range():
     x3[0, 0, 0] = -1e5
     with pytest.raises(UnrepresentableValues, match=r"-100000.*65504"):
         run_kernels(x3, np.array([0]), 4, "token", 8, 2)
-
-
-# ----------------------------------------------------------------------------- float8 cast
-
-
-@given(
-    hnp.arrays(
-        np.float32,
-        st.tuples(st.integers(1, 4), st.integers(0, 2100)),
-        elements=st.floats(width=32, allow_nan=False, allow_infinity=False),
-    ),
-    st.sampled_from([1.0, 1e-40, 1e-3, 3e4, 0.0]),
-)
-def test_f8_kernels_match_ml_dtypes(x, magnitude):
-    """Scale rule of cast.py in numpy + ml_dtypes' float8 rounding = the kernels, bit for bit."""
-    with np.errstate(over="ignore"):
-        x = np.ascontiguousarray(np.clip(x, -1e30, 1e30) * np.float32(magnitude), dtype=np.float32)
-    x[0, : x.shape[1] // 3] = -0.0
-    codes, scale = kernels.f8_quantize(x)
-    amax = np.abs(x).max(axis=1, initial=0.0)
-    want = amax / np.float32(448)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        short = amax / want > 448
-    want[short] = np.nextafter(want[short], np.float32(np.inf))
-    assert scale.tobytes() == want.tobytes()
-    ref = (x / np.where(want > 0, want, np.float32(1))[:, None]).astype(ml_dtypes.float8_e4m3fn)
-    assert codes.tobytes() == ref.tobytes()
-    back = kernels.f8_dequantize(codes, scale)
-    assert back.tobytes() == (ref.astype(np.float32) * want[:, None]).tobytes()
-
-
-def test_f8_rejects_non_finite():
-    for bad in (np.nan, np.inf, -np.inf):
-        x = np.ones((2, 10), dtype=np.float32)
-        x[1, 4] = bad
-        assert kernels.f8_quantize(x) is None
-
-
-# ----------------------------------------------------------------------------- float casts
-
-SPECIAL_F32 = np.array(
-    [np.nan, -np.nan, np.inf, -np.inf, 3.4e38, -3.4e38, 3.38e38, 65519.0, 65520.0, -65520.0,
-     1e-45, -1e-45, 2.0**-24, 3 * 2.0**-26, 2.0**-25, 5.9e-8, 1e-40, -0.0, 0.0],
-    dtype=np.float32,
-)  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", [np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)], ids=["bf16", "f16"])
-@given(hnp.arrays(np.float32, st.integers(0, 300), elements=st.floats(width=32)))
-def test_narrow_and_widen_match_numpy(dtype, x):
-    x = np.concatenate([x, SPECIAL_F32])
-    got, overflow = kernels.narrow(x, dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        want = x.astype(dtype)
-    nan = np.isnan(x)
-    assert np.all(np.isnan(got[nan].astype(np.float32)))
-    assert got[~nan].tobytes() == want[~nan].tobytes()
-    assert overflow == int(np.sum(np.isfinite(x) & np.isinf(want.astype(np.float32))))
-    back = kernels.widen(got)
-    assert np.all(np.isnan(back[nan]))
-    assert back[~nan].tobytes() == want[~nan].astype(np.float32).tobytes()
-
-
-def test_widen_every_float16_and_bfloat16():
-    every = np.arange(1 << 16, dtype=np.uint16)
-    for dtype in (np.float16, ml_dtypes.bfloat16):
-        h = every.view(dtype)
-        want = h.astype(np.float32)
-        got = kernels.widen(h)
-        nan = np.isnan(want)
-        assert np.all(np.isnan(got[nan])) and got[~nan].tobytes() == want[~nan].tobytes()
-
-
-def test_row_scores():
-    x = kv_like(30, (1, 5, 40, 16)).reshape(5, -1)
-    x[2] = 0.0
-    peak, mean = np.abs(x).max(axis=1), np.abs(x).mean(axis=1, dtype=np.float64)
-    np.testing.assert_allclose(
-        kernels.row_scores(x, False), np.where(mean > 0, peak / np.maximum(mean, 1e-300), 0), rtol=1e-12
-    )
-    np.testing.assert_allclose(kernels.row_scores(x, True), x.var(axis=1, dtype=np.float64), rtol=1e-10)
