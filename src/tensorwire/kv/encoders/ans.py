@@ -59,7 +59,8 @@ import numpy as np
 
 from ...errors import CorruptData, Truncated, require
 from ..stage import ArrayEncoder, Plane
-from .raw import as_bytes, check_codes, check_request, decode_floats, encode_floats, plane_values
+from .bitpack import check_codes
+from .streams import as_bytes, check_request, decode_floats, encode_floats, plane_values
 
 __all__ = ["ANS", "CONTEXTS", "MODE_COLUMNS", "MODE_PLANE", "PROBABILITY_BITS", "quantize_frequencies"]
 

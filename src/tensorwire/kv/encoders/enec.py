@@ -45,7 +45,8 @@ from ...codec.frame import check_plausible
 from ...codec.planes import DTYPE_ITEMSIZE
 from ...errors import CorruptData, Truncated
 from ..stage import ArrayEncoder, Plane
-from .raw import as_bytes, check_codes, check_request, plane_values
+from .bitpack import check_codes
+from .streams import as_bytes, check_request, plane_values
 
 __all__ = ["CHUNK_VALUES", "CODE_LAYOUT", "Enec"]
 

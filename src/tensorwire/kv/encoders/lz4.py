@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from ...errors import CorruptData, require
 from ..stage import BytesEncoder, is_int
-from .raw import check_size
+from .streams import check_size
 
 __all__ = ["LZ4", "MAX_LEVEL"]
 

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from ...errors import CorruptData, Truncated, require
 from ..stage import BytesEncoder, is_int
-from .raw import check_size
+from .streams import check_size
 
 __all__ = ["MAX_LEVEL", "MIN_LEVEL", "Zstd"]
 
