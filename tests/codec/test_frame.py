@@ -12,6 +12,7 @@ import tensorwire
 from tensorwire.codec import EnecCodec
 from tensorwire.codec.frame import CHUNK_ENTRY, FRAME_HEADER
 from tensorwire.errors import BadMagic, ChecksumMismatch, CorruptData, FormatError, UnsupportedDType, UnsupportedVersion
+from tensorwire.testing.conformance import CodecSuite
 from tensorwire.testing.strategies import raw_words
 from tensorwire.codec.dtypes import numpy_dtype
 
@@ -63,6 +64,10 @@ def test_decode_into_out():
     assert same_bits(out, x)
     with pytest.raises(ValueError):
         codec.decode(codec.encode(x), out=np.empty((100, 50), np.float32))
+
+
+class TestEnecCodecConformance(CodecSuite):
+    codecs = [EnecCodec(level="fast", chunk_bytes=4096), EnecCodec(level="max", chunk_bytes=4096), EnecCodec()]
 
 
 def test_config_roundtrip_and_equality():

@@ -29,7 +29,7 @@ from tensorwire.kv.encoders.lz4 import LZ4
 from tensorwire.kv.encoders.raw import Raw
 from tensorwire.kv.encoders.zstd import Zstd
 from tensorwire.kv.stage import ArrayEncoder, BytesEncoder, Plane, Stage, StageConfigError
-from tensorwire.kv.registry import stage_class
+from tensorwire.testing.conformance import ArrayEncoderSuite, BytesEncoderSuite
 from tensorwire.testing.strategies import awkward_values
 from tensorwire.testing.strategies import kv_tensor as kv_like
 
@@ -250,12 +250,12 @@ def test_encoders_are_thread_safe():
 # ----------------------------------------------------------------------------- configs and registry
 
 
-@pytest.mark.parametrize("stage", ARRAY_ENCODERS + BYTES_ENCODERS, ids=repr)
-def test_config_roundtrip(stage):
-    config = stage.to_config()
-    assert Stage.from_config(config) == stage
-    assert type(Stage.from_config(config)) is type(stage)
-    assert stage_class(config["id"]) is type(stage)
+class TestArrayEncoderConformance(ArrayEncoderSuite):
+    stages = ARRAY_ENCODERS
+
+
+class TestBytesEncoderConformance(BytesEncoderSuite):
+    stages = BYTES_ENCODERS
 
 
 def test_configs_are_plain_json():

@@ -14,8 +14,8 @@ from tensorwire.kv.quantizers.headwise import HeadwiseMixed, head_scores, row_sc
 from tensorwire.kv.quantizers.kivi import KIVI, kivi_split
 from tensorwire.kv.quantizers.layerwise import LayerwiseBits
 from tensorwire.kv.quantizers.uniform import Uniform
+from tensorwire.testing.conformance import QuantizerSuite
 from tensorwire.kv.stage import Plane, Quantizer, ShapeMismatch, Stage, StageConfigError
-from tensorwire.kv.registry import stage_class
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -101,14 +101,8 @@ STAGES: list[Quantizer] = [
 IDS = [f"{s.id}-{i}" for i, s in enumerate(STAGES)]
 
 
-@pytest.mark.parametrize("stage", STAGES, ids=IDS)
-def test_config_roundtrip(stage):
-    config = stage.to_config()
-    assert config["id"] == stage.id
-    assert stage_class(stage.id) is type(stage)
-    assert Stage.from_config(config) == stage
-    assert Quantizer.from_config(config) == stage
-    assert Stage.from_config(dict(config)).to_config() == config
+class TestQuantizerConformance(QuantizerSuite):
+    stages = STAGES
 
 
 def test_lossless_flag():

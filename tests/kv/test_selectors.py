@@ -16,6 +16,7 @@ from tensorwire.kv.stage import ObservationError
 from tensorwire.kv.selectors.streaming_llm import StreamingLLM
 from tensorwire.kv.selectors.topk import budget, top_k
 from tensorwire.kv.stage import KVCacheData, KVLayer, Observations, Selector, ShapeMismatch, Stage, StageConfigError
+from tensorwire.testing.conformance import SelectorSuite
 from tensorwire.testing.strategies import kv_tensor
 
 
@@ -96,22 +97,9 @@ def test_full_budget_keeps_every_token(selector: Selector) -> None:
         np.testing.assert_array_equal(idx, np.broadcast_to(np.arange(300), (2, 3, 300)))
 
 
-@pytest.mark.parametrize(
-    "selector",
-    [
-        KeepAll(),
-        StreamingLLM(0.5, sinks=4),
-        KeyNorm(0.25),
-        SnapKV(0.25, window=4, kernel=5),
-        SnapKV(0.5, window=2, kernel=1),
-    ],
-    ids=repr,
-)
-def test_config_round_trip(selector: Selector) -> None:
-    config = selector.to_config()
-    assert Stage.from_config(config) == selector
-    assert Selector.from_config(config) == selector
-    assert type(Selector.from_config(config)) is type(selector)
+class TestSelectorConformance(SelectorSuite):
+    stages = [KeepAll(), StreamingLLM(0.5, sinks=4), KeyNorm(0.25), SnapKV(0.25, window=4, kernel=5),
+              SnapKV(0.5, window=2, kernel=1)]  # fmt: skip
 
 
 def test_only_snapkv_needs_observations() -> None:

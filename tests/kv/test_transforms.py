@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensorwire.kv.stage import ShapeMismatch, Stage, StageConfigError, Transform
+from tensorwire.kv.stage import ShapeMismatch, Stage, StageConfigError
 from tensorwire.kv.transforms.hadamard import Hadamard, random_signs, rotation_matrix
 from tensorwire.kv.transforms.identity import Identity
+from tensorwire.testing.conformance import TransformSuite
 from tensorwire.testing.strategies import kv_tensor
 
 
@@ -23,12 +24,8 @@ shapes = st.tuples(
 TRANSFORMS = [Identity(), Hadamard(), Hadamard(seed=12345, keys=True, values=False), Hadamard(seed=3, keys=False)]
 
 
-@pytest.mark.parametrize("stage", TRANSFORMS, ids=repr)
-def test_config_round_trip(stage: Transform) -> None:
-    config = stage.to_config()
-    assert Stage.from_config(config) == stage
-    assert Transform.from_config(config) == stage
-    assert type(Stage.from_config(config)) is type(stage)
+class TestTransformConformance(TransformSuite):
+    stages = TRANSFORMS
 
 
 def test_identity_returns_its_inputs() -> None:
