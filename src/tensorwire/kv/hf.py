@@ -23,11 +23,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import require
+from ..models import load_smollm2  # the README's documented path since 0.1; it lives in tensorwire.models
 from .stage import KVCacheData, KVLayer, Observations
 
 __all__ = [
     "PositionedCache",
     "positioned_cache_class",
+    "load_smollm2",
     "model_shape",
     "prefill",
     "cache_to_data",
