@@ -1,7 +1,7 @@
 """Human-readable decisions: what every candidate would cost and why one was chosen.
 
 ``explain(library, context)`` asks a fresh controller (residuals at their prior: the
-profiles as measured) and returns its :class:`~tensorwire.control.controller.Decision`;
+profiles as measured) and returns its :class:`~tensorwire.control.context.Decision`;
 ``render`` prints any decision as a rich table, ``format_text`` as plain text for logs.
 ``tensorwire explain`` is a thin layer over these.
 
@@ -21,7 +21,9 @@ import math
 from typing import Any
 
 from ..kv.profiles import RAW, ProfileLibrary
-from .controller import Controller, Decision, RequestContext, format_bandwidth, format_seconds
+from .context import Decision, RequestContext
+from .controller import Controller
+from .units import format_bandwidth, format_seconds
 
 __all__ = ["decision_rows", "explain", "format_text", "render"]
 

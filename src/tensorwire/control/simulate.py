@@ -34,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ControlWarning
 from ..kv.profiles import RAW, ModelShape, Profile, ProfileLibrary
-from .bandit import ControlWarning
-from .controller import BasePolicy, Controller, RequestContext
+from .context import RequestContext
+from .controller import Controller
 from .latency_model import break_even_bandwidth, latency, raw_latency, to_gbps
 from .policies import AlwaysRaw, KVServeRule, Oracle, StaticProfile
+from .policy import BasePolicy
 from .traces import TRACE_NAMES, Trace, make_trace
 
 __all__ = ["Scenario", "World", "default_policies", "example_library", "format_table", "plot", "run_suite", "simulate"]
