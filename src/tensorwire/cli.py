@@ -195,11 +195,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .control.simulate import run_command
+    from .control.report import format_table, plot
+    from .control.simulate import Scenario, example_library, run_suite
+    from .kv.profiles import ProfileLibrary
 
-    return run_command(args.library, traces=args.trace, n_requests=args.requests, seeds=args.seeds,
-                       max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop, latency_model=args.model,
-                       json_path=args.json, png_path=args.png)  # fmt: skip
+    if args.library:
+        library, label = ProfileLibrary.load(args.library), args.library
+    else:
+        library = example_library()
+        label = "built-in placeholder (tensorwire.control.simulate.example_library, NOT measured)"
+    scenario = Scenario(n_requests=args.requests, max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop,
+                        latency_model=args.model)  # fmt: skip
+    keep_series = bool(args.png or args.json)  # the table alone needs no per-request series
+    result = run_suite(library, args.trace, scenario, args.seeds, library_label=label, keep_series=keep_series)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
+    if args.png:
+        plot(result, args.png)
+    return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
