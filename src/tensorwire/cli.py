@@ -186,12 +186,23 @@ def _print_eval(name: str, r) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .control.explain import run_command
+    from .control import Controller, RequestContext, gbps
+    from .control.explain import render
+    from .kv.profiles import ProfileLibrary
 
-    return run_command(args.library, tokens=args.tokens, kv_bytes=args.kv_bytes, bandwidth_gbps=args.gbps,
-                       slo_ms=args.slo_ms, max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop,
-                       workload=args.workload, latency_model=args.model, overhead_ms=args.overhead_ms,
-                       as_json=args.json)  # fmt: skip
+    library = ProfileLibrary.load(args.library)
+    context = RequestContext(tokens=args.tokens, kv_bytes=args.kv_bytes,
+                             slo_s=float("inf") if args.slo_ms is None else args.slo_ms / 1e3,
+                             max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop, workload=args.workload,
+                             bandwidth_bps=gbps(args.gbps))  # fmt: skip
+    # A fresh controller without exploring: residuals at their prior, the profiles as measured.
+    controller = Controller(library, latency_model=args.model, overhead_s=args.overhead_ms / 1e3)
+    decision = controller.choose(context, explore=False)
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2, default=str))
+    else:
+        render(decision)
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ quality budget) to pick the option with the lowest predicted latency.
 link-speed estimator, ``units`` the checks and display forms of sizes, times and speeds.
 ``policies`` holds the baselines (always raw, static profile, KVServe's rule, oracle),
 ``traces`` and ``simulate`` the trace-driven simulator behind ``tensorwire simulate``,
-``report`` its table and plot, ``explain`` the table behind ``tensorwire explain``.
+``report`` its table and plot, ``explain`` the rendering of a decision behind
+``tensorwire explain``.
 """
 
 from ..errors import ControlWarning
