@@ -8,8 +8,8 @@ Writes results/<stem>.json (machine, versions, the library used and its sha256, 
 every run's metrics, the first seed's per-request series) and results/<stem>.png (link speed,
 rolling-mean latency per policy and cumulative regret vs the oracle, one column per trace),
 and prints the table README.md quotes. <stem> is "latest" for the placeholder library and
-the library file's stem otherwise. The engine is ``tensorwire.control.simulate`` (also
-behind ``tensorwire simulate``).
+the library file's stem otherwise. The engine is ``tensorwire.control.simulate``, the table
+and plot ``tensorwire.control.report`` (both also behind ``tensorwire simulate``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ sys.path.insert(0, str(HERE.parents[1] / "src"))  # run from a checkout without 
 
 
 from tensorwire.control.latency_model import break_even_bandwidth, to_gbps
-from tensorwire.control.simulate import Scenario, example_library, format_table, plot, run_suite
+from tensorwire.control.report import format_table, plot
+from tensorwire.control.simulate import Scenario, example_library, run_suite
 from tensorwire.kv.profiles import ProfileLibrary
 
 

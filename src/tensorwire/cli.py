@@ -186,20 +186,45 @@ def _print_eval(name: str, r) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .control.explain import run_command
+    from .control import Controller, RequestContext, gbps
+    from .control.explain import render
+    from .kv.profiles import ProfileLibrary
 
-    return run_command(args.library, tokens=args.tokens, kv_bytes=args.kv_bytes, bandwidth_gbps=args.gbps,
-                       slo_ms=args.slo_ms, max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop,
-                       workload=args.workload, latency_model=args.model, overhead_ms=args.overhead_ms,
-                       as_json=args.json)  # fmt: skip
+    library = ProfileLibrary.load(args.library)
+    context = RequestContext(tokens=args.tokens, kv_bytes=args.kv_bytes,
+                             slo_s=float("inf") if args.slo_ms is None else args.slo_ms / 1e3,
+                             max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop, workload=args.workload,
+                             bandwidth_bps=gbps(args.gbps))  # fmt: skip
+    # A fresh controller without exploring: residuals at their prior, the profiles as measured.
+    controller = Controller(library, latency_model=args.model, overhead_s=args.overhead_ms / 1e3)
+    decision = controller.choose(context, explore=False)
+    if args.json:
+        print(json.dumps(decision.to_dict(), indent=2, default=str))
+    else:
+        render(decision)
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .control.simulate import run_command
+    from .control.report import format_table, plot
+    from .control.simulate import Scenario, example_library, run_suite
+    from .kv.profiles import ProfileLibrary
 
-    return run_command(args.library, traces=args.trace, n_requests=args.requests, seeds=args.seeds,
-                       max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop, latency_model=args.model,
-                       json_path=args.json, png_path=args.png)  # fmt: skip
+    if args.library:
+        library, label = ProfileLibrary.load(args.library), args.library
+    else:
+        library = example_library()
+        label = "built-in placeholder (tensorwire.control.simulate.example_library, NOT measured)"
+    scenario = Scenario(n_requests=args.requests, max_ppl_increase=args.max_ppl, max_retrieval_drop=args.max_drop,
+                        latency_model=args.model)  # fmt: skip
+    keep_series = bool(args.png or args.json)  # the table alone needs no per-request series
+    result = run_suite(library, args.trace, scenario, args.seeds, library_label=label, keep_series=keep_series)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
+    if args.png:
+        plot(result, args.png)
+    return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

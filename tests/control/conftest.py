@@ -2,6 +2,7 @@
 
 import pytest
 
+from tensorwire.control import RequestContext
 from tensorwire.kv.profiles import ModelShape, Profile, ProfileLibrary
 
 G = 1e9
@@ -25,3 +26,12 @@ def small_library(extra_profiles=()) -> ProfileLibrary:
 @pytest.fixture
 def library() -> ProfileLibrary:
     return small_library()
+
+
+TOKENS = 4096  # 94 MB of bf16 cache for the SmolLM2 shape
+
+
+def ctx(**kw) -> RequestContext:
+    """A request for the small library's model: 4096 tokens, 200 ms SLO, a loose quality budget."""
+    base = {"tokens": TOKENS, "slo_s": 0.2, "max_ppl_increase": 0.05, "max_retrieval_drop": 5.0}
+    return RequestContext(**{**base, **kw})

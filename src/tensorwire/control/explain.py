@@ -1,17 +1,17 @@
 """Human-readable decisions: what every candidate would cost and why one was chosen.
 
-``explain(library, context)`` asks a fresh controller (residuals at their prior: the
-profiles as measured) and returns its :class:`~tensorwire.control.controller.Decision`;
-``render`` prints any decision as a rich table, ``format_text`` as plain text for logs.
-``tensorwire explain`` is a thin layer over these.
+:func:`decision_rows` gives one dict of display strings per candidate, :func:`format_text`
+the whole decision as plain text for logs, :func:`render` as a rich table. Any policy's
+decision renders; ``tensorwire explain`` shows a fresh controller's (residuals at their
+prior: the profiles as measured), made without exploring.
 
 Example
 -------
->>> from tensorwire.control import RequestContext, gbps
+>>> from tensorwire.control import Controller, RequestContext, gbps
 >>> from tensorwire.control.simulate import example_library
 >>> ctx = RequestContext(tokens=4096, bandwidth_bps=gbps(10), slo_s=0.1, max_ppl_increase=0.02)
->>> d = explain(example_library(), ctx)
->>> d.choice
+>>> d = Controller(example_library()).choose(ctx, explore=False)
+>>> decision_rows(d)[0]["candidate"]
 'kivi4-zstd'
 """
 
@@ -20,15 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..kv.profiles import RAW, ProfileLibrary
-from .controller import Controller, Decision, RequestContext, format_bandwidth, format_seconds
+from ..kv.profiles import RAW
+from .context import Decision
+from .units import format_bandwidth, format_seconds
 
-__all__ = ["decision_rows", "explain", "format_text", "render"]
-
-
-def explain(library: ProfileLibrary, context: RequestContext, **controller_kwargs: Any) -> Decision:
-    """The decision a fresh controller makes for ``context``, without exploring."""
-    return Controller(library, **controller_kwargs).choose(context, explore=False)
+__all__ = ["decision_rows", "format_text", "render"]
 
 
 def _be(bps: float) -> str:
@@ -100,40 +96,3 @@ def render(decision: Decision, console: Any = None) -> None:
         console.print(f"[dim]excluded {name}: {why}[/]")
     tag = "[bold red]FALLBACK[/] " if decision.fallback else ""
     console.print(f"{tag}[bold]choice: {decision.choice}[/] - {decision.reason}", highlight=False)
-
-
-def run_command(
-    library_path: str,
-    *,
-    tokens: int | None = None,
-    kv_bytes: int | None = None,
-    bandwidth_gbps: float | None = None,
-    slo_ms: float | None = None,
-    max_ppl_increase: float = math.inf,
-    max_retrieval_drop: float = math.inf,
-    workload: str = "default",
-    latency_model: str = "pipelined",
-    overhead_ms: float = 0.0,
-    as_json: bool = False,
-) -> int:
-    """``tensorwire explain``: load a library, decide for one context, print the table (or JSON)."""
-    import json
-
-    from .latency_model import gbps
-
-    library = ProfileLibrary.load(library_path)
-    context = RequestContext(
-        tokens=tokens,
-        kv_bytes=kv_bytes,
-        slo_s=math.inf if slo_ms is None else slo_ms / 1e3,
-        max_ppl_increase=max_ppl_increase,
-        max_retrieval_drop=max_retrieval_drop,
-        workload=workload,
-        bandwidth_bps=None if bandwidth_gbps is None else gbps(bandwidth_gbps),
-    )
-    decision = explain(library, context, latency_model=latency_model, overhead_s=overhead_ms / 1e3)
-    if as_json:
-        print(json.dumps(decision.to_dict(), indent=2, default=str))
-    else:
-        render(decision)
-    return 0

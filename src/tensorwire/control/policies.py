@@ -9,7 +9,7 @@
 * :class:`Oracle`: knows the true expected latency of every option (from the simulator)
   and picks the lowest; the reference for regret.
 
-All share :class:`~tensorwire.control.controller.BasePolicy`'s request path: the same
+All share :class:`~tensorwire.control.policy.BasePolicy`'s request path: the same
 context checks, the same raw fallback on bad input, the same bandwidth estimator.
 """
 
@@ -19,7 +19,9 @@ import math
 from collections.abc import Callable
 
 from ..kv.profiles import RAW, ProfileLibrary
-from .controller import BasePolicy, Candidate, Decision, RequestContext, format_bandwidth, format_seconds
+from .context import Candidate, Decision, RequestContext
+from .policy import BasePolicy
+from .units import format_bandwidth, format_seconds
 
 __all__ = ["AlwaysRaw", "KVServeRule", "Oracle", "StaticProfile"]
 
