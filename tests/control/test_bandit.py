@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensorwire.control.bandit import ControlWarning, DiscountedThompson, DiscountedUCB, ResidualPrior
+from tensorwire.control.bandit import DiscountedThompson, DiscountedUCB, ResidualPrior
+from tensorwire.errors import ControlWarning
 
 
 def noisy(rng, level, sigma=0.08):

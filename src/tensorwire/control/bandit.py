@@ -50,7 +50,7 @@ import numpy as np
 
 from ..errors import ControlWarning
 
-__all__ = ["ArmState", "ControlWarning", "DiscountedThompson", "DiscountedUCB", "ResidualBandit", "ResidualPrior"]
+__all__ = ["ArmState", "DiscountedThompson", "DiscountedUCB", "ResidualBandit", "ResidualPrior"]
 
 # A residual outside [1/20, 20] is a measurement glitch, not the profile: clip before learning.
 LOG_CLIP = math.log(20.0)
