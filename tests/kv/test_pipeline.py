@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tensorwire.errors import ChecksumMismatch, CorruptData, Truncated
 from tensorwire.kv import Pipeline, Stage, StageConfigError
+from tensorwire.kv.pipeline import StreamDecoder
 from tensorwire.kv.presets import PRESETS, resolve
 from tensorwire.kv.stage import Quantizer
 from tensorwire.kv.registry import BUILTIN_STAGES, stage_class, stage_ids
@@ -152,3 +154,84 @@ def test_encode_parts_join_to_the_payload():
     cache = kv_cache_data(3, 1, 2, 20, 16)
     p = pipe({"id": "streaming_llm", "keep_fraction": 0.5}, {"id": "zstd"})
     assert b"".join(p.encode_parts(cache)) == p.encode(cache)
+
+
+# -- layer by layer --------------------------------------------------------------------------
+STREAMED = {"stages": [{"id": "key_norm", "keep_fraction": 0.5}, {"id": "kivi", "k_bits": 2, "v_bits": 2, "group_size": 8,
+                                                                    "residual": 4}, {"id": "zstd"}]}  # fmt: skip
+
+
+def test_a_streamed_payload_decodes_like_the_whole_one():
+    cache = kv_cache_data(3, 1, 2, 24, 16)
+    p = Pipeline.from_config(STREAMED)
+    stream = p.encode_stream(cache)
+    assert "layers" not in stream.header and stream.header["cache"]["n_layers"] == 3
+    decoder = StreamDecoder(json.loads(json.dumps(stream.header)), stream.bitmap, expect={"kv_heads": 2})
+    for pieces, table in stream.layers:
+        layer = decoder.add_layer(json.loads(json.dumps(table)), b"".join(pieces))
+        assert layer.keys.shape == (1, 2, 12, 16)
+    streamed, whole = decoder.result(), Pipeline.decode_data(p.encode(cache))
+    assert_same_cache(streamed, whole)
+    for a, b in zip(streamed.layers, whole.layers):
+        assert np.array_equal(a.positions, b.positions) and a.values.tobytes() == b.values.tobytes()
+
+
+def test_layers_are_encoded_only_when_asked_for(monkeypatch):
+    p = Pipeline.from_config(STREAMED)
+    encoded = []
+    real = Pipeline.encode_layer
+    monkeypatch.setattr(Pipeline, "encode_layer", lambda self, i, *a: encoded.append(i) or real(self, i, *a))
+    stream = p.encode_stream(kv_cache_data(3, 1, 2, 24, 16))
+    assert encoded == []
+    next(stream.layers)
+    assert encoded == [0]
+
+
+def test_stream_decoder_refuses_damaged_missing_and_extra_layers():
+    cache = kv_cache_data(2, 1, 2, 24, 16)
+    stream = Pipeline.from_config(STREAMED).encode_stream(cache)
+    layers = [(b"".join(pieces), table) for pieces, table in stream.layers]
+    decoder = StreamDecoder(stream.header, stream.bitmap)
+    body, table = layers[0]
+    with pytest.raises(ChecksumMismatch, match="layer 0"):
+        decoder.add_layer(table, bytes([body[0] ^ 1]) + body[1:])
+    with pytest.raises(Truncated):
+        decoder.add_layer(table, body[:-1])
+    with pytest.raises(CorruptData, match="more than its table"):
+        decoder.add_layer(table, body + b"\0")
+    with pytest.raises(CorruptData):
+        decoder.add_layer({"sections": "?", "xxh3": "0"}, body)
+    decoder.add_layer(table, body)
+    with pytest.raises(Truncated, match="1 of 2 layers"):
+        decoder.result()
+    decoder.add_layer(*layers[1][::-1])
+    with pytest.raises(CorruptData, match="after all 2 layers"):
+        decoder.add_layer(*layers[1][::-1])
+    assert decoder.done and len(decoder.result().layers) == 2
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: h.pop("cache"),
+        lambda h: h.__setitem__("pipeline", []),
+        lambda h: h["cache"].__setitem__("kept", True),
+        lambda h: h["cache"].__setitem__("kept", 10**6),
+        lambda h: h.__setitem__("positions", {"encoding": "bitmap"}),
+        lambda h: h.pop("positions"),
+    ],
+)
+def test_stream_decoder_refuses_bad_headers(edit):
+    stream = Pipeline.from_config(STREAMED).encode_stream(kv_cache_data(2, 1, 2, 24, 16))
+    header = json.loads(json.dumps(stream.header))
+    edit(header)
+    with pytest.raises(CorruptData):
+        StreamDecoder(header, stream.bitmap)
+
+
+def test_stream_decoder_checks_the_bitmap_length():
+    stream = Pipeline.from_config(STREAMED).encode_stream(kv_cache_data(2, 1, 2, 24, 16))
+    with pytest.raises(Truncated):
+        StreamDecoder(stream.header, stream.bitmap[:-1])
+    with pytest.raises(CorruptData, match="bitmap"):
+        StreamDecoder(stream.header, stream.bitmap + b"\0")

@@ -38,7 +38,10 @@ __all__ = [
     "CACHE_FIELDS",
     "pack_header",
     "read_header",
+    "check_stream_header",
+    "check_layer_table",
     "positions_section",
+    "positions_size",
     "read_positions",
     "layer_table",
     "layer_size",
@@ -96,19 +99,48 @@ def read_header(view: memoryview) -> tuple[dict[str, Any], int]:
 
 
 def _check_header(header: dict) -> None:
+    check_stream_header(header)
     cache = header["cache"]
-    for key in CACHE_FIELDS:
-        if not isinstance(cache[key], int) or cache[key] < 0:
-            raise CorruptData(f"KV payload header field cache.{key} must be a non-negative int, found {cache[key]!r}")
-    if cache["kept"] > cache["seq_len"]:
-        raise CorruptData(f"the header keeps {cache['kept']} tokens of a {cache['seq_len']}-token sequence")
-    if len(header["layers"]) != cache["n_layers"]:
+    if not isinstance(header["layers"], list) or len(header["layers"]) != cache["n_layers"]:
         raise CorruptData(f"the header lists {len(header['layers'])} layers, its cache says {cache['n_layers']}")
     for table in header["layers"]:
-        for name, dtype_name, shape, bits, sizes in table["sections"]:
+        check_layer_table(table)
+
+
+def check_stream_header(header: Any) -> None:
+    """Check the header fields that come before any layer: ``pipeline``, ``cache``, ``positions``.
+
+    A payload sent layer by layer carries these first and each layer's table with its body.
+    Raises :class:`CorruptData` naming the bad field.
+    """
+    try:
+        cache = header["cache"]
+        if not isinstance(header["pipeline"], dict):
+            raise CorruptData(f"the header's pipeline must be an object, found {header['pipeline']!r}")
+        for key in CACHE_FIELDS:
+            if not isinstance(cache[key], int) or isinstance(cache[key], bool) or cache[key] < 0:
+                raise CorruptData(f"KV payload header field cache.{key} must be a non-negative int, found {cache[key]!r}")
+        if cache["kept"] > cache["seq_len"]:
+            raise CorruptData(f"the header keeps {cache['kept']} tokens of a {cache['seq_len']}-token sequence")
+        header["positions"], cache["dtype"]
+    except (KeyError, TypeError) as exc:
+        raise CorruptData(f"the KV payload header is not valid: missing or malformed {exc}") from exc
+
+
+def check_layer_table(table: Any) -> None:
+    """Check one layer's table (its sections and checksum) before its body is read."""
+    try:
+        sections = table["sections"]
+        if not isinstance(table["xxh3"], str) or not isinstance(sections, list):
+            raise TypeError("sections or xxh3")
+        for name, dtype_name, shape, bits, sizes in sections:
             numpy_dtype(dtype_name)
             if not all(isinstance(s, int) and s >= 0 for s in [*shape, *sizes]) or not sizes:
                 raise CorruptData(f"section {name!r} has a bad shape {shape} or sizes {sizes}")
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, CorruptData):
+            raise
+        raise CorruptData(f"a layer table of the KV payload is not valid: {exc}") from exc
 
 
 # -- kept positions ---------------------------------------------------------------------------
@@ -132,8 +164,19 @@ def positions_section(layers: Sequence[KVLayer], seq_len: int) -> tuple[Any, byt
     return {"encoding": "bitmap", "nbytes": len(bitmap), "xxh3": xxhash.xxh3_64_hexdigest(bitmap)}, bitmap
 
 
-def read_positions(header: dict[str, Any], view: memoryview, at: int) -> tuple[list[np.ndarray], int]:
-    """Every layer's kept positions, shape ``(batch, kv_heads, kept)``, and the offset after them."""
+def positions_size(header: dict[str, Any]) -> int:
+    """Bytes of the kept-positions bitmap that follows a checked header (0 for ``"all"``)."""
+    if header["positions"] == "all":
+        return 0
+    cache = header["cache"]
+    return cache["n_layers"] * cache["batch"] * cache["kv_heads"] * ((cache["seq_len"] + 7) // 8)
+
+
+def read_positions(header: dict[str, Any], view: memoryview, at: int = 0) -> tuple[list[np.ndarray], int]:
+    """Every layer's kept positions, shape ``(batch, kv_heads, kept)``, and the offset after them.
+
+    ``view`` holds the bitmap at ``at`` (a whole payload, or the bitmap alone with ``at=0``).
+    """
     cache, spec = header["cache"], header["positions"]
     n_layers, batch, heads, seq_len, kept = (cache[k] for k in ("n_layers", "batch", "kv_heads", "seq_len", "kept"))
     if spec == "all":
@@ -142,10 +185,10 @@ def read_positions(header: dict[str, Any], view: memoryview, at: int) -> tuple[l
         full = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, heads, seq_len))
         return [full.copy() for _ in range(n_layers)], at
     row = (seq_len + 7) // 8
-    nbytes = n_layers * batch * heads * row
+    nbytes = positions_size(header)
     if not isinstance(spec, dict) or spec.get("encoding") != "bitmap" or spec.get("nbytes") != nbytes:
         raise CorruptData(f"positions must be a bitmap of {nbytes} bytes, the header says {spec!r}")
-    raw = view[at : at + nbytes]
+    raw = memoryview(view)[at : at + nbytes]
     if len(raw) < nbytes:
         raise Truncated(f"the kept-positions bitmap needs {nbytes} bytes, {len(raw)} are left")
     if xxhash.xxh3_64_hexdigest(raw) != spec.get("xxh3"):
@@ -174,6 +217,7 @@ def layer_size(table: dict[str, Any]) -> int:
 
 def check_layer(index: int, table: dict[str, Any], body: memoryview) -> None:
     """Raise :class:`Truncated` or :class:`ChecksumMismatch` unless ``body`` is the layer's whole, intact body."""
+    body = memoryview(body)
     size = layer_size(table)
     if len(body) < size:
         raise Truncated(f"layer {index} needs {size} bytes, the payload has {len(body)} left; it was cut short")

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..codec.dtypes import dtype_name_of, numpy_dtype
-from ..errors import CorruptData
+from ..errors import CorruptData, Truncated
 from . import payload
 from .stage import (
     ArrayEncoder,
@@ -50,7 +50,7 @@ from .stage import (
     slot_of,
 )
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "EncodedStream", "StreamDecoder"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,33 +149,41 @@ class Pipeline:
         """Yield the payload in pieces: preamble + header first, then the bitmap and the sections.
 
         The header needs every section's size, so all layers are encoded before the first
-        piece is yielded; a transport that overlaps per-layer encode with sending uses
-        :meth:`encode_layer` directly.
+        piece is yielded; a transport that sends layer by layer uses :meth:`encode_stream`.
         """
-        layers, positions, bitmap = self._select(data)
+        stream = self.encode_stream(data)
         bodies, tables = [], []
-        for index, layer in enumerate(layers):
-            pieces, table = self.encode_layer(index, len(layers), layer.keys, layer.values)
+        for pieces, table in stream.layers:
             bodies += pieces
             tables.append(table)
-        kept = layers[0].keys.shape[2] if layers else data.seq_len
+        yield payload.pack_header({**stream.header, "layers": tables})
+        yield stream.bitmap
+        yield from bodies
+
+    def encode_stream(self, cache: Any, observations: Any = None) -> EncodedStream:
+        """Select the tokens now; encode each layer only when :attr:`EncodedStream.layers` asks for it.
+
+        A sender can put layer ``i`` on the wire while layer ``i + 1`` is being encoded;
+        the receiver decodes with a :class:`StreamDecoder` as the layers arrive.
+        """
+        data = _as_data(cache, observations)
+        layers, positions, bitmap = self._select(data)
+        first = data.layers[0].keys.shape if data.layers else (0, 0, 0, 0)
         header = {
             "pipeline": self.to_config(),
             "cache": {
                 "n_layers": len(layers),
-                "batch": int(data.layers[0].keys.shape[0]) if data.layers else 0,
-                "kv_heads": int(data.layers[0].keys.shape[1]) if data.layers else 0,
-                "head_dim": int(data.layers[0].keys.shape[3]) if data.layers else 0,
+                "batch": int(first[0]),
+                "kv_heads": int(first[1]),
+                "head_dim": int(first[3]),
                 "seq_len": int(data.seq_len),
-                "kept": int(kept),
+                "kept": int(layers[0].keys.shape[2] if layers else data.seq_len),
                 "dtype": data.dtype,
             },
             "positions": positions,
-            "layers": tables,
         }
-        yield payload.pack_header(header)
-        yield bitmap
-        yield from bodies
+        encoded = (self.encode_layer(i, len(layers), layer.keys, layer.values) for i, layer in enumerate(layers))
+        return EncodedStream(header, bitmap, encoded)
 
     def _select(self, data: KVCacheData) -> tuple[list[KVLayer], Any, bytes]:
         """The kept layers, the header's ``positions`` entry and the positions bitmap (or b"")."""
@@ -234,21 +242,11 @@ class Pipeline:
         """Decode a payload into :class:`KVCacheData` (numpy arrays and kept positions)."""
         view = memoryview(data).cast("B")
         header, at = payload.read_header(view)
-        pipe = Pipeline.from_config(header["pipeline"])
-        cache = header["cache"]
-        for key, want in (expect or {}).items():
-            if cache.get(key) != want:
-                raise ShapeMismatch(
-                    f"the payload is for a cache with {key}={cache.get(key)}, this receiver expects {want}; "
-                    "it was made for another model"
-                )
-        positions, at = payload.read_positions(header, view, at)
-        shape = (cache["batch"], cache["kv_heads"], cache["kept"], cache["head_dim"])
-        layers = []
-        for index, table, body in payload.layer_bodies(header, view, at):
-            keys, values = pipe.decode_layer(index, cache["n_layers"], table, body, shape)
-            layers.append(KVLayer(keys, values, positions[index]))
-        return KVCacheData(layers, seq_len=cache["seq_len"], dtype=cache["dtype"])
+        bitmap_bytes = payload.positions_size(header)
+        decoder = StreamDecoder(header, view[at : at + bitmap_bytes], expect)
+        for _, table, body in payload.layer_bodies(header, view, at + bitmap_bytes):
+            decoder.add_layer(table, body)
+        return decoder.result()
 
     def decode_layer(
         self, index: int, n_layers: int, table: dict, body: memoryview, shape: tuple[int, int, int, int]
@@ -296,3 +294,77 @@ def _gather(layer: KVLayer, index: np.ndarray) -> KVLayer:
         return np.take(a.reshape(batch * heads * tokens, -1), rows, axis=0).reshape(*index.shape, a.shape[-1])
 
     return KVLayer(take(layer.keys), take(layer.values), np.take_along_axis(layer.positions, index, axis=2))
+
+
+@dataclass(frozen=True)
+class EncodedStream:
+    """A payload in the order a sender puts it on the wire (see :meth:`Pipeline.encode_stream`).
+
+    ``header`` is the payload header without its ``layers`` list; ``bitmap`` the kept
+    positions (``b""`` for ``"positions": "all"``); ``layers`` yields ``(pieces, table)``
+    per layer, encoding each when it is asked for: the layer's body is ``b"".join(pieces)``
+    and ``table`` its entry of the header's ``layers`` list.
+    """
+
+    header: dict[str, Any]
+    bitmap: bytes
+    layers: Iterator[tuple[list[bytes], dict[str, Any]]]
+
+
+class StreamDecoder:
+    """Decodes a payload that arrives in order: header, bitmap, then one layer at a time.
+
+    Every part is checked when it arrives: the header fields before any layer
+    (:func:`payload.check_stream_header`), each layer's table and checksum before its
+    planes are decoded. :meth:`result` refuses a cache that misses layers.
+
+    Examples
+    --------
+    >>> stream = pipe.encode_stream(cache)                                   # doctest: +SKIP
+    >>> decoder = StreamDecoder(stream.header, stream.bitmap)                # doctest: +SKIP
+    >>> for pieces, table in stream.layers: decoder.add_layer(table, b"".join(pieces))  # doctest: +SKIP
+    >>> data = decoder.result()                                              # doctest: +SKIP
+    """
+
+    def __init__(self, header: dict[str, Any], bitmap: bytes | memoryview = b"", expect: dict[str, int] | None = None):
+        payload.check_stream_header(header)
+        cache = header["cache"]
+        for key, want in (expect or {}).items():
+            if cache.get(key) != want:
+                raise ShapeMismatch(
+                    f"the payload is for a cache with {key}={cache.get(key)}, this receiver expects {want}; "
+                    "it was made for another model"
+                )
+        self.header = header
+        self.pipeline = Pipeline.from_config(header["pipeline"])
+        self.positions, used = payload.read_positions(header, memoryview(bitmap))
+        if used != len(bitmap):
+            raise CorruptData(f"the kept-positions bitmap is {len(bitmap)} bytes, the header implies {used}")
+        self.shape = (cache["batch"], cache["kv_heads"], cache["kept"], cache["head_dim"])
+        self.layers: list[KVLayer] = []
+
+    @property
+    def done(self) -> bool:
+        return len(self.layers) == self.header["cache"]["n_layers"]
+
+    def add_layer(self, table: dict[str, Any], body: bytes | memoryview) -> KVLayer:
+        """Check and decode the next layer; returns it."""
+        index = len(self.layers)
+        n_layers = self.header["cache"]["n_layers"]
+        if index >= n_layers:
+            raise CorruptData(f"a layer arrived after all {n_layers} layers of the payload")
+        payload.check_layer_table(table)
+        body = memoryview(body)
+        payload.check_layer(index, table, body)
+        if len(body) != payload.layer_size(table):
+            raise CorruptData(f"layer {index} has {len(body) - payload.layer_size(table)} bytes more than its table says")
+        keys, values = self.pipeline.decode_layer(index, n_layers, table, body, self.shape)
+        layer = KVLayer(keys, values, self.positions[index])
+        self.layers.append(layer)
+        return layer
+
+    def result(self) -> KVCacheData:
+        """The decoded cache; raises :class:`~tensorwire.errors.Truncated` before every layer arrived."""
+        if not self.done:
+            raise Truncated(f"{len(self.layers)} of {self.header['cache']['n_layers']} layers of the KV payload arrived")
+        return KVCacheData(self.layers, seq_len=self.header["cache"]["seq_len"], dtype=self.header["cache"]["dtype"])
