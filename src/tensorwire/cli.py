@@ -157,11 +157,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_kv_eval(args: argparse.Namespace) -> int:
     from .kv.pipeline import Pipeline
     from .kv.presets import resolve
-    from .kv.quality import EvalSettings, Evaluator
+    from .kv.quality import Evaluator
     from .models import load_smollm2
 
     pipelines = [(spec, Pipeline.from_config(resolve(spec))) for spec in args.pipeline]
-    settings = EvalSettings(args.text, args.context, args.continuation, args.windows, args.needles, args.seed, args.question)
+    settings = eval_settings(args)
     model, tokenizer = load_smollm2()
     evaluator = Evaluator(model, tokenizer, settings)
     results = []
@@ -228,20 +228,72 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .search.objectives import Budget
-    from .search.study import ProfileSettings, run_profile
+    from .search.runner import run_profile
 
-    settings = ProfileSettings(args.text, context=args.context, continuation=args.continuation, windows=args.windows,
-                               needles=args.needles, question=args.question, trials=args.trials, storage=args.storage, study_name=args.study_name,
-                               workers=args.workers, out=args.out, png=args.png, seed=args.seed, sampler=args.sampler,
-                               budget=Budget(args.max_ppl_increase, args.max_retrieval_drop))  # fmt: skip
-    run_profile(settings, log=None if args.quiet else print)
+    run_profile(profile_settings(args), log=None if args.quiet else print)
     return 0
 
 
 # Checked by EvalSettings (kv/quality.py): importing it here would slow every command's start.
 QUESTION_HELP = ("where the retrieval question sits: 'after' the compressed context (a stored context reused "
                  "later) or 'in_prompt', inside the compressed prompt (disaggregated prefill and decode)")
+# The profile search measures every candidate's full pass on all its retrieval cases; fewer
+# than kv eval's 50 (EvalSettings' default) keep a trial short, at 5 points a missed case.
+PROFILE_NEEDLES = 20
+EVAL_DEST = "eval_"  # args.eval_<field>: the EvalSettings fields, read by eval_settings
+
+
+def add_eval_flags(p: argparse.ArgumentParser, *, needles: int | None = None, seed_flag: str = "--seed",
+                   full_pass: bool = False) -> None:  # fmt: skip
+    """Add the evaluation flags (``EvalSettings``' fields) to ``p``; :func:`eval_settings` reads them.
+
+    A flag left out stays out of the parsed args, so that EvalSettings' own defaults apply.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        The subcommand's parser.
+    needles : int, optional
+        The command's default for ``--needles`` (None: EvalSettings').
+    seed_flag : str
+        The flag of ``EvalSettings.seed`` (``profile`` keeps ``--seed`` for its sampler).
+    full_pass : bool
+        Say in the help that windows and needles are the full pass's: the search's cheap
+        pass uses one window and no retrieval case.
+    """
+
+    def flag(option: str, field: str, *, default=argparse.SUPPRESS, **kwargs) -> None:
+        p.add_argument(option, dest=EVAL_DEST + field, metavar=field.upper(), default=default, **kwargs)
+
+    windows_help, needles_help = "perplexity windows", "retrieval cases (planted facts)"
+    if full_pass:
+        windows_help, needles_help = windows_help + " of the full pass (the cheap pass uses 1)", needles_help + " of the full pass"
+    if needles is not None:
+        needles_help += f" (default {needles})"
+    flag("--text", "text", required=True, help="UTF-8 text file to measure on (e.g. WikiText-2 raw test)")
+    flag("--context", "context", type=int, help="prefix tokens whose KV cache is compressed")
+    flag("--continuation", "continuation", type=int, help="tokens scored after the prefix")
+    flag("--windows", "windows", type=int, help=windows_help)
+    flag("--needles", "needles", type=int, default=argparse.SUPPRESS if needles is None else needles, help=needles_help)
+    flag(seed_flag, "seed", type=int, help="seed that draws the retrieval cases")
+    flag("--question", "question", help=QUESTION_HELP)
+
+
+def eval_settings(args: argparse.Namespace):
+    """The ``EvalSettings`` of the flags :func:`add_eval_flags` added (it checks them)."""
+    from .kv.quality import EvalSettings
+
+    return EvalSettings(**{k[len(EVAL_DEST):]: v for k, v in vars(args).items() if k.startswith(EVAL_DEST)})
+
+
+def profile_settings(args: argparse.Namespace):
+    """The ``ProfileSettings`` of ``tensorwire profile``'s flags."""
+    from .search.objectives import Budget
+    from .search.runner import ProfileSettings
+
+    return ProfileSettings(eval_settings(args), trials=args.trials, storage=args.storage, study_name=args.study_name,
+                           workers=args.workers, out=args.out, png=args.png, seed=args.seed, sampler=args.sampler,
+                           budget=Budget(args.max_ppl_increase, args.max_retrieval_drop))  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,13 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = kv.add_parser("eval", help="ratio, perplexity, retrieval, error and speed of pipelines")
     k.add_argument("--pipeline", action="append", required=True,
                    help="a preset name (bf16, kivi-2, kivi-4, cachegen, snapkv-0.5, ...), JSON, or a JSON file; repeatable")
-    k.add_argument("--text", required=True, help="UTF-8 text file to evaluate on (e.g. WikiText-2 raw test)")
-    k.add_argument("--context", type=int, default=2048, help="prefix tokens whose KV cache is compressed")
-    k.add_argument("--continuation", type=int, default=128, help="tokens scored after the prefix")
-    k.add_argument("--windows", type=int, default=4, help="perplexity windows")
-    k.add_argument("--needles", type=int, default=50, help="retrieval cases (planted facts)")
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--question", default="after", help=QUESTION_HELP)
+    add_eval_flags(k)
     k.add_argument("--json", help="write the results here")
     k.add_argument("--quiet", action="store_true")
     k.set_defaults(func=cmd_kv_eval)
@@ -346,12 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("profile", help="offline Bayesian search of KV pipelines -> profile library + Pareto plot")
-    p.add_argument("--text", required=True, help="UTF-8 text file to measure on (e.g. WikiText-2 raw test)")
-    p.add_argument("--context", type=int, default=2048, help="prefix tokens whose KV cache is compressed")
-    p.add_argument("--continuation", type=int, default=128, help="tokens scored after the prefix")
-    p.add_argument("--windows", type=int, default=4, help="perplexity windows of the full evaluation (the cheap pass uses 1)")
-    p.add_argument("--needles", type=int, default=20, help="retrieval cases of the full evaluation")
-    p.add_argument("--question", default="after", help=QUESTION_HELP)
+    add_eval_flags(p, needles=PROFILE_NEEDLES, seed_flag="--eval-seed", full_pass=True)
     p.add_argument("--trials", type=int, default=60, help="trials to add to the study (all workers together)")
     p.add_argument("--storage", help="optuna storage URL shared by the workers (default: sqlite:///OUT.db)")
     p.add_argument("--study-name", default="tensorwire-profile", help="study to create or join")
@@ -361,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-increase", type=float, default=0.03, help="quality budget: relative perplexity increase")
     p.add_argument("--max-retrieval-drop", type=float, default=2.0, help="quality budget: retrieval drop, points")
     p.add_argument("--sampler", choices=("tpe", "gp", "random"), default="tpe", help="optuna sampler (default tpe)")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed (worker i uses seed + i) and text sampling seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampler seed (worker i uses seed + i); the retrieval cases' seed is --eval-seed")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_profile)
 

@@ -1,4 +1,4 @@
-"""Pareto filter and exact hypervolume on hand-made points; the Pareto plot."""
+"""Pareto filter and exact hypervolume on hand-made points."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tensorwire.search.pareto import as_minimization, hypervolume, hypervolume_history, pareto_mask, plot_pareto
+from tensorwire.search.pareto import as_minimization, hypervolume, hypervolume_history, pareto_mask
 
 
 def test_pareto_mask_by_hand():
@@ -63,14 +63,3 @@ def test_hypervolume_history(points, data):
     for k in (0, len(points) // 2):
         first = points[: k + 1][feasible[: k + 1]]
         assert history[k] == pytest.approx(hypervolume(first, [1.0, 1.0, 1.0]) if len(first) else 0.0)
-
-
-def test_plot_pareto_writes_a_png(tmp_path):
-    rng = np.random.default_rng(0)
-    ratio = rng.uniform(1, 10, 30)
-    loss = rng.uniform(0, 0.05, 30)
-    bps = rng.uniform(1e7, 1e9, 30)
-    mask = pareto_mask(np.c_[ratio, loss, bps], ["maximize", "minimize", "maximize"])
-    path = tmp_path / "pareto.png"
-    plot_pareto(ratio, loss, bps, mask, str(path), max_ppl_increase=0.03, labels=[f"p{i}" for i in range(30)])
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

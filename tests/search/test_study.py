@@ -1,55 +1,22 @@
-"""The study driver, with a small analytic objective instead of the model (driver mechanics only).
-
-``analytic`` gives every pipeline a deterministic ratio, loss and speed from its
-parameters, so that the driver's bookkeeping (skips, repeats, the cheap pass, storage
-shared by processes, the library) can be checked exactly and fast. The real objective is
-tested in test_objectives.py and end to end in test_cli_profile.py.
-"""
+"""The study driver, with the analytic objective of conftest.py (driver mechanics only)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import sqlite3
 
-import numpy as np
 import optuna
 import pytest
 
+from tensorwire.errors import SearchError
 from tensorwire.kv.pipeline import Pipeline
-from tensorwire.kv.profiles import ModelShape, ProfileLibrary
-from tensorwire.kv.quality import EvaluationError
 from tensorwire.kv.stage import ShapeMismatch
-from tensorwire.search.objectives import DIRECTIONS, Budget, Measurement
-from tensorwire.search.pareto import pareto_mask
+from tensorwire.search.objectives import Budget, Measurement
 from tensorwire.search.space import SearchSpace, config_key
-from tensorwire.search.study import (
-    ProfileSearch,
-    ProfileSettings,
-    SearchError,
-    create_study,
-    library_from_study,
-    plot_study,
-    profile_name,
-    run_profile,
-)
+from tensorwire.search.study import ProfileSearch, create_study
+from tests.search.conftest import SMALL, analytic
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-SHAPE = ModelShape("SmolLM2-135M-Instruct", 30, 3, 64)
-SMALL = {"streaming_llm": {"keep_fraction": (0.5, 0.9)}, "kivi": {"k_bits": (2, 4, 8), "v_bits": (2, 4)},
-         "raw": {}, "zstd": {"level": (3,)}}  # fmt: skip
-
-
-def analytic(pipeline: Pipeline, fidelity: str) -> Measurement:
-    """Fewer bits and fewer tokens: higher ratio, higher loss; zstd: smaller and slower."""
-    q, sel = pipeline.quantizer, pipeline.selector
-    bits = (q.k_bits + q.v_bits) / 2 if q is not None and q.id == "kivi" else 16.0
-    keep = sel.keep_fraction if sel is not None else 1.0
-    zstd = any(s.id == "zstd" for s in pipeline.stages)
-    ratio = 16.0 / bits / keep * (1.15 if zstd else 1.0)
-    loss = 0.2 * 2.0 ** (-bits) + 0.04 * (1.0 - keep) + (0.002 if fidelity == "cheap" else 0.0)
-    speed = 1e9 / (4.0 if zstd else 1.0)
-    return Measurement(ratio=ratio, ppl_increase=loss, retrieval_drop=0.0 if fidelity == "full" else None,
-                       encode_bps=speed, decode_bps=2 * speed, key_error=loss, value_error=loss, fidelity=fidelity)  # fmt: skip
 
 
 class Counting:
@@ -153,38 +120,6 @@ def test_the_cheap_pass_stops_a_dominated_candidate():
     assert second.user_attrs["stopped"] == "dominated at the cheap fidelity by trial 0, even with slack 2"
 
 
-def test_library_is_the_feasible_pareto_set(tmp_path):
-    budget = Budget(max_ppl_increase=0.03, max_retrieval_drop=2.0)
-    search = ProfileSearch(SearchSpace.from_registry(SMALL), analytic, sampler="tpe", seed=0, budget=budget,
-                           n_startup_trials=5)  # fmt: skip
-    search.optimize(30)
-    library = search.library(SHAPE, machine={"cpu_model": "test"})
-    assert isinstance(library, ProfileLibrary) and len(library) >= 2
-    for p in library:
-        assert p.ratio > 1 and p.meets(budget.max_ppl_increase, budget.max_retrieval_drop)
-        assert p.name == profile_name(p.pipeline) and p.extra["trial"] >= 0 and "codec_bps" in p.extra
-    points = np.array([[p.ratio, p.ppl_increase, 1 / (1 / p.encode_bps + 1 / p.decode_bps)] for p in library])
-    assert pareto_mask(points, DIRECTIONS).all()
-    # Every fully measured feasible trial is dominated by (or equal to) a profile.
-    for t in search.full_trials(feasible=True):
-        m = Measurement.from_dict(t.user_attrs["full"])
-        if m.ratio > 1:
-            assert any(p.ratio >= m.ratio and p.ppl_increase <= m.ppl_increase and
-                       1 / (1 / p.encode_bps + 1 / p.decode_bps) >= m.codec_bps * (1 - 1e-12) for p in library)  # fmt: skip
-    path = tmp_path / "profiles.json"
-    library.save(path)
-    assert ProfileLibrary.load(path) == library and library.machine["source"].startswith("tensorwire.search")
-    plot_study(search.study, str(tmp_path / "pareto.png"), budget)
-    assert (tmp_path / "pareto.png").stat().st_size > 1000
-
-
-def test_an_empty_study_has_no_library():
-    search = ProfileSearch(SearchSpace.from_registry(SMALL), analytic, budget=Budget(max_ppl_increase=-0.5))
-    search.optimize(3)
-    with pytest.raises(SearchError, match="no fully measured pipeline within the budget"):
-        library_from_study(search.study, SHAPE, search.budget)
-
-
 def test_a_study_of_another_shape_is_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 'other.db'}"
     optuna.create_study(storage=url, study_name="s", directions=["minimize", "minimize"])
@@ -199,10 +134,6 @@ def test_bad_settings():
         ProfileSearch(SearchSpace.from_registry(SMALL), analytic, sampler="cmaes")
     with pytest.raises(SearchError, match="repeats"):
         ProfileSearch(SearchSpace.from_registry(SMALL), analytic, repeats="ignore")
-    with pytest.raises(SearchError, match="workers >= 1"):
-        run_profile(ProfileSettings("text.txt", workers=0))
-    with pytest.raises(EvaluationError, match="question"):  # before any study or worker is created
-        run_profile(ProfileSettings("text.txt", question="before", storage="sqlite:///:memory:"))
 
 
 def _worker(url: str, seed: int, total: int) -> None:

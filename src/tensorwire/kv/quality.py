@@ -62,7 +62,25 @@ LAST_NAMES = ("Castellan", "Venn", "Marrow", "Quell", "Fenwick", "Lindqvist", "A
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What to evaluate on. ``text`` is any UTF-8 text file (WikiText-2 raw test by default)."""
+    """What to evaluate on; ``tensorwire kv eval`` and the profile search (``ProfileSettings.evaluation``).
+
+    Parameters
+    ----------
+    text : str
+        Any UTF-8 text file (e.g. WikiText-2 raw test).
+    context : int
+        Tokens whose KV cache is compressed (>= 16).
+    continuation : int
+        Tokens scored after the prefix (>= 2).
+    windows : int
+        Perplexity windows, spread evenly over the text (>= 1).
+    needles : int
+        Retrieval cases (>= 0).
+    seed : int
+        Draws the retrieval cases: names, numbers, haystacks and depths.
+    question : {"after", "in_prompt"}
+        Where the retrieval question sits (see the module docstring).
+    """
 
     text: str
     context: int = 2048

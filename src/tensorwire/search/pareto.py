@@ -1,4 +1,4 @@
-"""Pareto sets, exact hypervolume, and the Pareto plot.
+"""Pareto sets and exact hypervolume (the Pareto plot is in :mod:`.plots`).
 
 Everything here works on plain arrays of objective values, one row per point. By default
 every objective is minimised; pass ``directions`` (``"minimize"``/``"maximize"`` per
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_minimization", "hypervolume", "hypervolume_history", "pareto_mask", "plot_pareto"]
+__all__ = ["as_minimization", "hypervolume", "hypervolume_history", "pareto_mask"]
 
 
 def as_minimization(points: Any, directions: Sequence[str] | None = None) -> np.ndarray:
@@ -128,46 +128,3 @@ def hypervolume_history(points: Any, reference: Sequence[float], directions: Seq
             value = max(value, float(_hv(front, ref)))  # rounding must not make it shrink
         out[k] = value
     return out
-
-
-def plot_pareto(ratio: Any, ppl_increase: Any, codec_bps: Any, pareto: Any, path: str, *, title: str = "",
-                max_ppl_increase: float | None = None, labels: Sequence[str] | None = None) -> None:  # fmt: skip
-    """Ratio vs perplexity increase of every evaluated pipeline, coloured by codec throughput.
-
-    Pareto points are drawn large with a black edge (and labelled when ``labels`` is
-    given); the quality budget is a dashed line.
-    """
-    from ..errors import require
-
-    require("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    ratio, loss, bps = (np.asarray(a, dtype=np.float64) for a in (ratio, ppl_increase, codec_bps))
-    pareto = np.asarray(pareto, dtype=bool)
-    fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=120)
-    mb = bps / 1e6
-    norm = LogNorm(vmin=max(mb.min(), 1e-3), vmax=max(mb.max(), mb.min() * 1.01)) if mb.size else None
-    y = np.maximum(loss * 100, 1e-3)  # percent; log axis needs > 0 (lossless points sit at the floor)
-    ax.scatter(ratio[~pareto], y[~pareto], c=mb[~pareto], norm=norm, cmap="viridis", s=14, alpha=0.45, linewidths=0)
-    sc = ax.scatter(ratio[pareto], y[pareto], c=mb[pareto], norm=norm, cmap="viridis", s=60, edgecolors="black",
-                    linewidths=0.8, label="Pareto set (3-D)")  # fmt: skip
-    if labels is not None:
-        for x_, y_, text in zip(ratio[pareto], y[pareto], np.asarray(labels, dtype=object)[pareto]):
-            ax.annotate(text, (x_, y_), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    if max_ppl_increase is not None and max_ppl_increase > 0:
-        ax.axhline(max_ppl_increase * 100, color="crimson", linestyle="--", linewidth=1, label="quality budget")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("compression ratio vs bf16 cache")
-    ax.set_ylabel("perplexity increase, % (log; floor 0.001 %)")
-    ax.set_title(title or "KV pipelines: ratio vs quality, colour = codec throughput")
-    fig.colorbar(sc, ax=ax, label="codec throughput 1/(1/enc + 1/dec), MB/s, 1 thread")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.grid(True, which="both", alpha=0.25)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -32,6 +32,10 @@ Storage: any optuna storage URL (``sqlite:///profiles.db``, ``postgresql://...``
 processes on several machines search one study when they give the same URL and study
 name (``load_if_exists``). SQLite waits up to 60 s on a lock instead of failing.
 
+What a study holds is read by :mod:`.library` (the Pareto set, the profile library) and
+drawn by :mod:`.plots`; the ``tensorwire profile`` job (settings, worker processes) is
+:mod:`.runner`.
+
 Example
 -------
 >>> search = ProfileSearch(SearchSpace.from_registry(), EvaluatorMeasure(evaluator),  # doctest: +SKIP
@@ -45,37 +49,19 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+from ..errors import CandidateRejected, SearchError, TensorwireError
+from ..kv.profiles import ModelShape, ProfileLibrary
+from .library import full_trials, library_from_study, pareto_trials
+from .objectives import DIRECTIONS, OBJECTIVES, Budget, Measure, Measurement
+from .space import SearchSpace, config_key, optuna_module
 
-from ..errors import SearchError, TensorwireError
-from ..kv.profiles import ModelShape, Profile, ProfileLibrary
-from .objectives import DIRECTIONS, OBJECTIVES, Budget, EvaluatorMeasure, Measure, Measurement
-from .pareto import pareto_mask, plot_pareto
-from .space import CandidateRejected, SearchSpace, config_key, optuna_module
-
-__all__ = [
-    "SAMPLERS",
-    "ProfileSearch",
-    "ProfileSettings",
-    "SearchError",
-    "create_study",
-    "library_from_study",
-    "make_sampler",
-    "open_storage",
-    "plot_study",
-    "profile_name",
-    "run_profile",
-]
+__all__ = ["SAMPLERS", "ProfileSearch", "create_study", "make_sampler", "open_storage"]
 
 SAMPLERS = ("tpe", "gp", "random")
-MODEL_NAME = "SmolLM2-135M-Instruct"  # the model tensorwire.models.load_smollm2 loads
 CONSTRAINTS = ("ppl_increase", "retrieval_drop")  # optuna constraint names, in Budget.constraints order
 
 
@@ -293,6 +279,7 @@ class ProfileSearch:
 
     # -- results -------------------------------------------------------------------------------
     def full_trials(self, feasible: bool = False) -> list:
+        """The trials measured at full fidelity (within the budget when ``feasible``)."""
         return full_trials(self.study, self.budget if feasible else None)
 
     def pareto_trials(self) -> list:
@@ -300,241 +287,5 @@ class ProfileSearch:
         return pareto_trials(self.study, self.budget)
 
     def library(self, model: ModelShape, machine: Mapping[str, Any] | None = None, threads: int = 1) -> ProfileLibrary:
+        """The feasible Pareto set as a profile library (:func:`~.library.library_from_study`)."""
         return library_from_study(self.study, model, self.budget, machine, threads)
-
-
-def full_trials(study, budget: Budget | None = None) -> list:
-    """Completed trials measured at full fidelity (not duplicates), feasible under ``budget`` if given."""
-    optuna = optuna_module()
-    out = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get("fidelity") != "full" or "duplicate_of" in t.user_attrs:
-            continue
-        if budget is not None and not budget.feasible(Measurement.from_dict(t.user_attrs["full"])):
-            continue
-        out.append(t)
-    return out
-
-
-def pareto_trials(study, budget: Budget) -> list:
-    """Feasible full-fidelity trials on the Pareto front, with a ratio above 1.
-
-    A ratio <= 1 never beats sending the cache raw (ratio 1, no loss, no codec time), so
-    such pipelines are left out, whatever their other objectives.
-    """
-    trials = [t for t in full_trials(study, budget) if t.values[0] > 0]
-    if not trials:
-        return []
-    mask = pareto_mask(np.array([t.values for t in trials]), DIRECTIONS)
-    return [t for t, keep in zip(trials, mask) if keep]
-
-
-def profile_name(config: Mapping[str, Any]) -> str:
-    """A readable, unique name for a pipeline config: stage ids with their non-default parameters.
-
-    >>> profile_name({"stages": [{"id": "kivi", "k_bits": 4, "v_bits": 2, "group_size": 32, "residual": 128}, {"id": "zstd", "level": 3}]})
-    'kivi:k_bits=4/zstd'
-    """
-    import dataclasses
-
-    from ..kv.registry import stage_class
-
-    parts = []
-    for stage in config["stages"]:
-        klass = stage_class(stage["id"])
-        defaults = {f.name: f.default for f in dataclasses.fields(klass) if f.default is not dataclasses.MISSING}
-        params = [f"{k}={v}" for k, v in stage.items() if k != "id" and (k not in defaults or defaults[k] != v)]
-        parts.append(stage["id"] + (":" + ",".join(params) if params else ""))
-    return "/".join(parts)
-
-
-def library_from_study(study, model: ModelShape, budget: Budget, machine: Mapping[str, Any] | None = None,
-                       threads: int = 1) -> ProfileLibrary:  # fmt: skip
-    """The feasible 3-D Pareto set of ``study`` as a profile library (``kv/profiles.py`` format).
-
-    Each profile holds the full-fidelity measurement; its ``extra`` adds the objectives,
-    the reconstruction errors, the trial number and the cheap-pass measurement.
-    """
-    chosen = pareto_trials(study, budget)
-    if not chosen:
-        raise SearchError(f"study {study.study_name!r} has no fully measured pipeline within the budget "
-                          f"(ppl_increase <= {budget.max_ppl_increase}, retrieval_drop <= {budget.max_retrieval_drop}) "
-                          "that compresses (ratio > 1); run more trials or loosen the budget")  # fmt: skip
-    chosen.sort(key=lambda t: -t.values[0])
-    profiles, names = [], set()
-    for t in chosen:
-        m = Measurement.from_dict(t.user_attrs["full"])
-        name = base = profile_name(t.user_attrs["pipeline"])
-        n = 2
-        while name in names:
-            name, n = f"{base}#{n}", n + 1
-        names.add(name)
-        extra = {
-            "quality_loss": m.quality_loss, "codec_bps": m.codec_bps, "key_error": m.key_error,
-            "value_error": m.value_error, "ppl_base": m.ppl_base, "retrieval_base": m.retrieval_base,
-            "measured": {"windows": m.windows, "needles": m.needles}, "trial": t.number,
-            "cheap": t.user_attrs.get("cheap"),
-        }  # fmt: skip
-        profiles.append(Profile(name=name, pipeline=t.user_attrs["pipeline"], ratio=m.ratio, ppl_increase=m.ppl_increase,
-                                retrieval_drop=0.0 if m.retrieval_drop is None else m.retrieval_drop,
-                                encode_bps=m.encode_bps, decode_bps=m.decode_bps, threads=threads, extra=extra))  # fmt: skip
-    info = dict(machine or study.user_attrs.get("machine") or {})
-    info.setdefault("source", f"tensorwire.search: study {study.study_name!r}, {len(study.trials)} trials, "
-                              f"budget ppl_increase <= {budget.max_ppl_increase}, retrieval_drop <= {budget.max_retrieval_drop}")  # fmt: skip
-    info.setdefault("search", {"study": study.study_name, "trials": len(study.trials), "budget": asdict(budget),
-                               "settings": study.user_attrs.get("settings")})  # fmt: skip
-    return ProfileLibrary(model, tuple(profiles), info)
-
-
-def plot_study(study, path: str, budget: Budget, title: str = "") -> None:
-    """Pareto plot (ratio vs ppl increase, colour = codec throughput) of the full-fidelity trials."""
-    trials = full_trials(study)
-    if not trials:
-        raise SearchError(f"study {study.study_name!r} has no fully measured trial to plot")
-    ms = [Measurement.from_dict(t.user_attrs["full"]) for t in trials]
-    front = {t.number for t in pareto_trials(study, budget)}
-    plot_pareto([m.ratio for m in ms], [m.ppl_increase for m in ms], [m.codec_bps for m in ms],
-                [t.number in front for t in trials], path, max_ppl_increase=budget.max_ppl_increase,
-                title=title or f"{study.study_name}: {len(trials)} pipelines measured, {len(front)} on the Pareto set")  # fmt: skip
-
-
-# -- the `tensorwire profile` job -------------------------------------------------------------
-@dataclass(frozen=True)
-class ProfileSettings:
-    """Everything ``tensorwire profile`` runs with (picklable: it travels to the workers)."""
-
-    text: str
-    context: int = 2048
-    continuation: int = 128
-    windows: int = 4
-    needles: int = 20
-    question: str = "after"  # EvalSettings.question
-    trials: int = 60
-    storage: str | None = None  # default: sqlite next to `out`
-    study_name: str = "tensorwire-profile"
-    workers: int = 1
-    out: str = "profiles.json"
-    png: str | None = None
-    budget: Budget = field(default_factory=Budget)
-    seed: int = 0
-    sampler: str = "tpe"
-    cheap_first: bool = True
-    threads: int = 1  # Profile.threads: threads a pipeline runs on when serving
-
-    def storage_url(self) -> str:
-        if self.storage:
-            return self.storage
-        return "sqlite:///" + str(Path(self.out).resolve().with_suffix(".db"))
-
-
-def _machine() -> dict[str, Any]:
-    from ..sysinfo import machine_info
-
-    info = machine_info()
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info.setdefault("versions", {})["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover - torch is in the kv extra
-        pass
-    info.setdefault("versions", {})["optuna"] = optuna_module().__version__
-    return info
-
-
-def _eval_settings(settings: ProfileSettings):
-    from ..kv.quality import EvalSettings
-
-    return EvalSettings(settings.text, settings.context, settings.continuation, settings.windows, settings.needles,
-                        settings.seed, settings.question)  # fmt: skip
-
-
-def _worker(settings: ProfileSettings, index: int, until_total: int) -> None:
-    """One search process: load the model, prefill, and run trials until the study is full."""
-    from ..kv import hf
-    from ..kv.quality import Evaluator
-    from ..models import load_smollm2
-
-    torch = hf._torch()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(1, settings.workers)))
-    model, tokenizer = load_smollm2()
-    evaluator = Evaluator(model, tokenizer, _eval_settings(settings))
-    search = ProfileSearch(SearchSpace.from_registry(), EvaluatorMeasure(evaluator), storage=settings.storage_url(),
-                           study_name=settings.study_name, budget=settings.budget, sampler=settings.sampler,
-                           seed=settings.seed + index, cheap_first=settings.cheap_first)  # fmt: skip
-    shape = hf.model_shape(model)
-    attrs = search.study.user_attrs
-    if "model" not in attrs:
-        # dtype BF16: the evaluator's ratios and throughputs are against the bf16 cache bytes.
-        search.study.set_user_attr("model", {"name": MODEL_NAME, "n_layers": shape["n_layers"], "kv_heads": shape["kv_heads"],
-                                             "head_dim": shape["head_dim"], "dtype": "BF16"})  # fmt: skip
-        search.study.set_user_attr("settings", {**asdict(settings), "text_sha256_16": evaluator.text_id})
-        search.study.set_user_attr("machine", _machine())
-    search.optimize(until_total=until_total)
-
-
-def run_profile(settings: ProfileSettings, log: Callable[[str], None] | None = print) -> ProfileLibrary:
-    """Run the search (``settings.workers`` processes on one study) and write the library.
-
-    Returns the library written to ``settings.out`` (and the plot to ``settings.png``).
-    """
-    optuna = optuna_module()
-    if settings.workers < 1 or settings.trials < 1:
-        raise SearchError(f"need workers >= 1 and trials >= 1, got {settings.workers} and {settings.trials}")
-    if settings.sampler not in SAMPLERS:
-        raise SearchError(f"sampler {settings.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-    _eval_settings(settings)  # bad evaluation settings fail here, before a study or a worker exists
-    url = settings.storage_url()
-    study = create_study(url, settings.study_name)
-    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                            optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)))  # fmt: skip
-    target = finished + settings.trials
-    if log:
-        log(f"study {settings.study_name!r} at {url}: {finished} finished trials, running to {target} "
-            f"with {settings.workers} worker(s)")  # fmt: skip
-    began = time.perf_counter()
-    if settings.workers == 1:
-        _worker(settings, 0, target)
-    else:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch/numba threads
-        procs = [ctx.Process(target=_worker, args=(settings, i, target), name=f"tensorwire-profile-{i}")
-                 for i in range(settings.workers)]  # fmt: skip
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        failed = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
-        if failed:
-            raise SearchError(f"search worker(s) failed: {failed}; their trials stay in {url} (re-run to resume)")
-    study = create_study(url, settings.study_name)
-    model = ModelShape.from_dict(study.user_attrs["model"])
-    library = library_from_study(study, model, settings.budget, threads=settings.threads)
-    library.save(settings.out)
-    if settings.png:
-        plot_study(study, settings.png, settings.budget)
-    if log:
-        log(summary(study, settings.budget, library, time.perf_counter() - began))
-    return library
-
-
-def summary(study, budget: Budget, library: ProfileLibrary, seconds: float | None = None) -> str:
-    """A short text report of a study and the library taken from it."""
-    optuna = optuna_module()
-    trials = study.get_trials(deepcopy=False)
-    states = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}  # fail, ...
-    dup = sum("duplicate_of" in t.user_attrs for t in trials)
-    stopped = sum("stopped" in t.user_attrs and "duplicate_of" not in t.user_attrs for t in trials)
-    rejected = sum("rejected" in t.user_attrs for t in trials)
-    lines = [f"{len(trials)} trials: {len(full_trials(study))} measured in full, {stopped} stopped after the cheap pass, "
-             f"{rejected} skipped or invalid, {dup} repeats (not measured again), {states['fail']} failed"
-             + (f"; {seconds:.0f} s" if seconds is not None else ""),
-             (f"{len(library)} profiles on the feasible Pareto set (ppl_increase <= {budget.max_ppl_increase}, "
-              f"retrieval_drop <= {budget.max_retrieval_drop}):"),
-             f"  {'ratio':>6} {'ppl +%':>7} {'drop':>5} {'enc MB/s':>9} {'dec MB/s':>9}  profile"]  # fmt: skip
-    for p in library:
-        lines.append(f"  {p.ratio:6.2f} {p.ppl_increase * 100:7.3f} {p.retrieval_drop:5.1f} {p.encode_bps / 1e6:9.0f} "
-                     f"{p.decode_bps / 1e6:9.0f}  {p.name}")  # fmt: skip
-    return "\n".join(lines)
