@@ -29,16 +29,7 @@ from tensorwire.control.latency_model import break_even_bandwidth, to_gbps
 from tensorwire.control.report import format_table, plot
 from tensorwire.control.simulate import Scenario, example_library, run_suite
 from tensorwire.kv.profiles import ProfileLibrary
-
-
-def machine() -> dict:
-    import matplotlib
-
-    from tensorwire.sysinfo import machine_info
-
-    info = machine_info()
-    info["versions"]["matplotlib"] = matplotlib.__version__
-    return info
+from tensorwire.sysinfo import machine_info
 
 
 def library_table(library: ProfileLibrary, max_ppl: float, max_drop: float) -> str:
@@ -86,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_suite(library, args.traces, scenario, args.seeds, library_label=label,
                        progress=lambda m: print(f"[{time.time() - start:5.0f}s] {m}", file=sys.stderr, flush=True))  # fmt: skip
     result["library"]["sha256"] = digest
-    result["machine"] = machine()
+    result["machine"] = machine_info(("matplotlib",))
     result["wall_seconds"] = time.time() - start
     result["command"] = " ".join(["python", "benchmarks/control/run.py", *(argv if argv is not None else sys.argv[1:])])
 

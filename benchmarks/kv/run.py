@@ -44,17 +44,6 @@ def tensorwire_methods() -> dict[str, dict]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def machine() -> dict:
-    import torch
-    import transformers
-
-    from tensorwire.sysinfo import machine_info
-
-    info = machine_info()
-    info["versions"] |= {"torch": torch.__version__, "transformers": transformers.__version__}
-    return info
-
-
 def speed_rounds(pipelines: dict, cache, repeats: int) -> dict[str, dict]:
     from tensorwire.codec.cpu import one_thread
 
@@ -140,6 +129,7 @@ def main() -> int:
     from tensorwire.kv import Pipeline
     from tensorwire.models import load_smollm2
     from tensorwire.kv.quality import EvalSettings, Evaluator
+    from tensorwire.sysinfo import machine_info
 
     methods = {name: (cfg, "peer") for name, cfg in METHODS.items()}
     methods |= {name: (cfg, "tensorwire") for name, cfg in tensorwire_methods().items()}
@@ -182,7 +172,7 @@ def main() -> int:
     if args.peers:
         rows += json.loads(Path(args.peers).read_text())["rows"]
 
-    result = {"machine": machine(), "settings": vars(settings) | {"repeats": args.repeats, "model": "SmolLM2-135M-Instruct",
+    result = {"machine": machine_info(("torch", "transformers")), "settings": vars(settings) | {"repeats": args.repeats, "model": "SmolLM2-135M-Instruct",
                                                                  "shape": evaluator.shape},
               "data": {"text": args.text, "text_sha256_16": evaluator.text_id}, "rows": rows}  # fmt: skip
     (out / "kv.json").write_text(json.dumps(result, indent=2))

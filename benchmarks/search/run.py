@@ -71,7 +71,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from tensorwire.kv.quality import EvalSettings, Evaluator
     from tensorwire.models import load_smollm2
     from tensorwire.search.objectives import EvaluatorMeasure
-    from tensorwire.search.runner import machine_record
+    from tensorwire.sysinfo import machine_info
     from tensorwire.search.space import config_key, lossy_key
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         "stages": {k: {p: list(v) for p, v in ps.items()} for k, ps in GRID_STAGES.items()},
         "size": len(records),
         "lossy_prefixes": len({r["lossy_key"] for r in records}),
-        "machine": machine_record(),
+        "machine": machine_info(("torch", "optuna")),
         "note": "each config measured once; quality measured once per lossy prefix (encoders are lossless) and reused",
         "records": records,
     }
@@ -149,7 +149,7 @@ def cmd_retime(args: argparse.Namespace) -> int:
 
     from tensorwire.kv.quality import EvalSettings, Evaluator
     from tensorwire.models import load_smollm2
-    from tensorwire.search.runner import machine_record
+    from tensorwire.sysinfo import machine_info
 
     path = RESULTS / f"grid_{GRID_ID}.json"
     grid = json.loads(path.read_text())
@@ -164,7 +164,7 @@ def cmd_retime(args: argparse.Namespace) -> int:
         if i % 100 == 0:
             print(f"  {i}/{len(grid['records'])} [{time.time() - started:.0f} s]", flush=True)
     grid["timing"] = {"retimed_in_one_sitting": time.strftime("%Y-%m-%d %H:%M"), "seconds": time.time() - started,
-                      "machine": machine_record()}  # fmt: skip
+                      "machine": machine_info(("torch", "optuna"))}  # fmt: skip
     path.write_text(json.dumps(grid, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
@@ -280,7 +280,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import optuna
 
     from tensorwire.search.objectives import Budget
-    from tensorwire.search.runner import machine_record
+    from tensorwire.sysinfo import machine_info
     from tensorwire.search.space import config_key
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -327,7 +327,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                    "evaluation": "a distinct config measured (a repeated draw is answered from the study and costs none)"},
         "summary": summary,
         "runs": runs,
-        "machine": machine_record(),
+        "machine": machine_info(("torch", "optuna")),
     }
     stem = RESULTS / f"replay_{GRID_ID}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,13 +40,16 @@ def _cpu_model() -> str:
     return found or platform.processor() or platform.machine()
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU, cores, load, platform, and the versions of tensorwire and the codec libraries."""
+def machine_info(packages: Sequence[str] = ()) -> dict[str, Any]:
+    """CPU, cores, load, platform, and the versions of tensorwire, the codec libraries and ``packages``.
+
+    When torch is imported, its thread count is recorded too (it sets how fast the model runs).
+    """
     import numba
 
     from . import __version__
 
-    return {
+    info = {
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -58,6 +62,9 @@ def machine_info() -> dict[str, Any]:
             "tensorwire": __version__,
             "numpy": np.__version__,
             "numba": numba.__version__,
-            **{d: package_version(d) for d in ("zstandard", "lz4", "zipnn", "numcodecs", "ml_dtypes")},
+            **{d: package_version(d) for d in ("zstandard", "lz4", "zipnn", "numcodecs", "ml_dtypes", *packages)},
         },
     }
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return info

@@ -27,7 +27,7 @@ from ..models import load_smollm2  # the README's documented path since 0.1; it 
 from .stage import KVCacheData, KVLayer, Observations
 
 __all__ = [
-    "PositionedCache",
+    "PositionedCache",  # noqa: F822 (defined on first use by the module's __getattr__: transformers is optional)
     "positioned_cache_class",
     "load_smollm2",
     "model_shape",

@@ -9,7 +9,7 @@ requested number, then writes the feasible Pareto set as a profile library
 The first worker records on the study (``study.user_attrs``) what it was measured with:
 ``"model"`` (the cache shape), ``"settings"`` (:class:`ProfileSettings` as a dict, the
 evaluation nested under ``"evaluation"``, plus the text's hash ``"text_sha256_16"``) and
-``"machine"`` (:func:`machine_record`). A library taken from the study carries them.
+``"machine"`` (:func:`tensorwire.sysinfo.machine_info`). A library taken from the study carries them.
 
 Example
 -------
@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import SearchError
 from ..kv.profiles import ModelShape, ProfileLibrary
+from ..sysinfo import machine_info
 from ..kv.quality import EvalSettings
 from .library import library_from_study, summary
 from .objectives import Budget, EvaluatorMeasure
@@ -36,7 +36,7 @@ from .plots import plot_study
 from .space import SearchSpace, optuna_module
 from .study import SAMPLERS, ProfileSearch, create_study
 
-__all__ = ["ProfileSettings", "machine_record", "run_profile"]
+__all__ = ["ProfileSettings", "run_profile"]
 
 MODEL_NAME = "SmolLM2-135M-Instruct"  # the model tensorwire.models.load_smollm2 loads
 
@@ -99,22 +99,6 @@ class ProfileSettings:
         return "sqlite:///" + str(Path(self.out).resolve().with_suffix(".db"))
 
 
-def machine_record() -> dict[str, Any]:
-    """:func:`tensorwire.sysinfo.machine_info` plus torch's threads and the torch and optuna versions."""
-    from ..sysinfo import machine_info
-
-    info = machine_info()
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info.setdefault("versions", {})["torch"] = torch.__version__
-    except ImportError:  # pragma: no cover - torch is in the kv extra
-        pass
-    info.setdefault("versions", {})["optuna"] = optuna_module().__version__
-    return info
-
-
 def _worker(settings: ProfileSettings, index: int, until_total: int) -> None:
     """One search process: load the model, prefill, and run trials until the study is full."""
     from ..kv import hf
@@ -136,7 +120,7 @@ def _worker(settings: ProfileSettings, index: int, until_total: int) -> None:
         search.study.set_user_attr("model", {"name": MODEL_NAME, "n_layers": shape["n_layers"], "kv_heads": shape["kv_heads"],
                                              "head_dim": shape["head_dim"], "dtype": "BF16"})  # fmt: skip
         search.study.set_user_attr("settings", {**asdict(settings), "text_sha256_16": evaluator.text_id})
-        search.study.set_user_attr("machine", machine_record())
+        search.study.set_user_attr("machine", machine_info(("torch", "optuna")))
     search.optimize(until_total=until_total)
 
 
