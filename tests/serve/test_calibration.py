@@ -1,0 +1,26 @@
+"""Start-up calibration: speeds measured here replace the library's, everything else is kept."""
+
+from __future__ import annotations
+
+from tensorwire.demo import KV_LIBRARY
+from tensorwire.kv.profiles import ProfileLibrary
+from tensorwire.serve.calibration import calibrate
+from tensorwire.testing.strategies import kv_cache_data
+
+
+def test_calibration_replaces_speeds_and_keeps_the_offline_measurements(tmp_path):
+    library = ProfileLibrary.load(KV_LIBRARY)
+    cache = kv_cache_data(4, 1, 3, 96, 64)  # SnapKV-free library: no observations needed
+    lines = []
+    calibrated = calibrate(library, cache, repeats=1, log=lines.append)
+    assert calibrated.names == library.names and calibrated.model == library.model and len(lines) == len(library)
+    for before, after in zip(library, calibrated):
+        assert (after.ratio, after.ppl_increase, after.retrieval_drop, after.pipeline) == (
+            before.ratio, before.ppl_increase, before.retrieval_drop, before.pipeline)
+        assert after.encode_bps > 0 and after.decode_bps > 0
+        assert after.extra["offline"] == {"encode_bps": before.encode_bps, "decode_bps": before.decode_bps}
+        assert after.extra["calibrated"]["tokens"] == 96
+    calibrated.save(tmp_path / "calibrated.json")
+    again = ProfileLibrary.load(tmp_path / "calibrated.json")
+    assert [p.encode_bps for p in again] == [p.encode_bps for p in calibrated]
+    assert again["uniform:bits=8/raw"].extra["offline"]["decode_bps"] == library["uniform:bits=8/raw"].decode_bps
