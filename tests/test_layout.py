@@ -19,6 +19,7 @@ RANKS = {
     "errors": 0,
     "sysinfo": 1,
     "models": 1,
+    "data": 1,
     "codec": 2,
     "container": 3,
     "integrations": 4,

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .data import SAMPLE_TEXT, SMOLLM2_LIBRARY
 from .models import load_smollm2, minilm_folder
 
 __all__ = ["run_demo"]
@@ -45,10 +46,7 @@ def _embed(model, tokenizer):
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
-DATA = Path(__file__).parent / "data"
-SAMPLE_TEXT = DATA / "river_town.txt"  # original prose written for tensorwire
-# Measured by `tensorwire profile` on the reference machine (see benchmarks/search/README.md).
-KV_LIBRARY = DATA / "profiles-smollm2-135m.json"
+KV_LIBRARY = SMOLLM2_LIBRARY
 KV_QUESTION = "\n\nQuestion: Who designed the stone bridge, and how many arches does it have?\nAnswer:"
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorwire.demo import SAMPLE_TEXT  # original prose written for tensorwire (no licence strings attached)
+from tensorwire.data import SAMPLE_TEXT  # original prose written for tensorwire (no licence strings attached)
 
 
 @pytest.fixture(scope="session")

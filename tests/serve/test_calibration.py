@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tensorwire.demo import KV_LIBRARY
+from tensorwire.data import SMOLLM2_LIBRARY as KV_LIBRARY
 from tensorwire.kv.profiles import ProfileLibrary
 from tensorwire.serve.calibration import calibrate
 from tensorwire.testing.strategies import kv_cache_data
