@@ -10,7 +10,10 @@ deltas of a stream always add up to the text of the same request unstreamed.
   tokens) is held back until the character is complete.
 * Stop strings: the text never emitted includes the last ``len(longest stop) - 1``
   characters, so a stop string split over tokens is caught before any part of it is sent.
-  The stop string itself is not part of the output (OpenAI's behaviour).
+  The stop string itself is not part of the output (OpenAI's behaviour). Generation ends
+  with the first token that completes a stop string (a longer stop string that would have
+  started earlier never completes); among those completed by the same token, the text is
+  cut where the earliest starts.
 """
 
 from __future__ import annotations
