@@ -46,6 +46,13 @@ __all__ = [
     "CandidateRejected",
     # online control
     "ControlWarning",
+    # serving
+    "InvalidRequest",
+    "ModelNotFound",
+    "ContextLengthExceeded",
+    "TooManyRequests",
+    "BackendError",
+    "BackendUnavailable",
     "EXTRAS",
     "require",
 ]
@@ -170,6 +177,63 @@ class ControlWarning(RuntimeWarning):
     """A bad sample or context was ignored by the online controller (it never raises)."""
 
 
+# -- serving -------------------------------------------------------------------------------------
+class InvalidRequest(TensorwireError, ValueError):
+    """A request to the HTTP API is invalid; it carries the fields of OpenAI's error object.
+
+    ``status`` is the HTTP status the front end answers with (400 unless a subclass says
+    otherwise), ``param`` the offending field (dotted path, e.g. ``"tensorwire.slo_ms"``)
+    or None, ``code`` a machine-readable code or None, ``error_type`` OpenAI's ``type``.
+    """
+
+    status = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class ModelNotFound(InvalidRequest):
+    """The request names a model this server does not serve (HTTP 404, as OpenAI answers)."""
+
+    status = 404
+
+    def __init__(self, message: str, *, param: str | None = "model", code: str | None = "model_not_found"):
+        super().__init__(message, param=param, code=code)
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt, or the prompt plus ``max_tokens``, does not fit the model's context."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "context_length_exceeded"):
+        super().__init__(message, param=param, code=code)
+
+
+class TooManyRequests(InvalidRequest):
+    """The front end already has its limit of requests in flight (HTTP 429); retry later."""
+
+    status = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "too_many_requests"):
+        super().__init__(message, param=param, code=code)
+
+
+class BackendError(TensorwireError, RuntimeError):
+    """The serving backend (the workers, or the in-process model) failed a request (HTTP 500)."""
+
+    status = 500
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot take requests now (workers down or starting; HTTP 503)."""
+
+    status = 503
+
+
 # -- optional dependencies ---------------------------------------------------------------------------
 # The one extra that brings each optional top-level package (pyproject.toml's
 # optional-dependencies); torch is in several extras, and "hf" is the smallest that has it.
@@ -185,6 +249,11 @@ EXTRAS: dict[str, str] = {
     "matplotlib": "bench",
     "triton": "gpu",
     "optuna": "search",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "pydantic": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
 }
 
 
