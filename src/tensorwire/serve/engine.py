@@ -16,7 +16,7 @@ Example
 -------
 >>> engine = Engine.load()                                                  # doctest: +SKIP
 >>> data = engine.prefill(prompt_ids, observe_window=64)                    # doctest: +SKIP
->>> list(engine.generate(data, prompt_ids[-1], Sampling(max_tokens=16)))  # doctest: +SKIP
+>>> list(engine.generate(data, prompt_ids[-1], SamplingParams(max_tokens=16, temperature=0)))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,15 +32,24 @@ from ..kv import hf
 from ..kv.stage import KVCacheData
 from ..models import SMOLLM2_NAME, load_smollm2
 
-__all__ = ["Engine", "Sampling"]
+__all__ = ["Engine", "SamplingParams", "sample_token"]
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """How to pick new tokens. ``temperature == 0``: greedy (``top_p`` and ``seed`` unused)."""
+class SamplingParams:
+    """How to pick tokens.
 
-    max_tokens: int = 16
-    temperature: float = 0.0
+    ``temperature == 0`` is greedy decoding (argmax; ``top_p`` and ``seed`` are then
+    irrelevant). Otherwise sample from ``softmax(logits / temperature)`` restricted to the
+    smallest set of most likely tokens whose probability reaches ``top_p`` (the top token
+    is always kept, so ``top_p == 0`` is greedy too). ``seed`` (any int; None: fresh
+    randomness) makes sampling reproducible for the same prompt and parameters, on any
+    worker. Generation stops after ``max_tokens``, or at end-of-sequence or one of
+    ``stop_token_ids``.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default=())
@@ -48,23 +57,47 @@ class Sampling:
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise EvaluationError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise EvaluationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise EvaluationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        for name, value, high in (("temperature", self.temperature, math.inf), ("top_p", self.top_p, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+                raise EvaluationError(f"{name} must be a number in [0, {high}], got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise EvaluationError(f"seed must be an int or None, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_p == 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "seed": self.seed, "stop_token_ids": list(self.stop_token_ids)}  # fmt: skip
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Sampling:
+    def from_dict(cls, data: Any) -> SamplingParams:
+        """Inverse of :meth:`to_dict` (the settings as they travel between workers)."""
         try:
-            return cls(int(data["max_tokens"]), float(data.get("temperature", 0.0)), float(data.get("top_p", 1.0)),
-                       data.get("seed"), tuple(data.get("stop_token_ids", ())))  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
+            return cls(data["max_tokens"], data.get("temperature", 1.0), data.get("top_p", 1.0), data.get("seed"),
+                       tuple(data.get("stop_token_ids", ())))  # fmt: skip
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, EvaluationError):
+                raise
             raise EvaluationError(f"bad sampling settings {data!r}: {exc}") from exc
+
+
+def sample_token(logits: Any, sampling: SamplingParams, generator: Any) -> int:
+    """The next token from a ``(vocab,)`` logits tensor: argmax when greedy, else nucleus
+    sampling from ``softmax(logits / temperature)`` with ``generator``."""
+    torch = require("torch")
+    if sampling.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.to(torch.float32) / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
+        sorted_probs = torch.where(before < sampling.top_p, sorted_probs, torch.zeros_like(sorted_probs))
+        sorted_probs[0] = sorted_probs[0].clamp_min(1e-30)  # the top token is always kept
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Engine:
@@ -96,47 +129,49 @@ class Engine:
         return {k: self.shape[k] for k in ("n_layers", "kv_heads", "head_dim")}
 
     def prefill(self, prompt_ids: Sequence[int], observe_window: int = 0) -> KVCacheData:
-        """The cache of ``prompt_ids[:-1]`` (and its last queries, for SnapKV-style selectors)."""
-        if len(prompt_ids) < 2:
-            raise EvaluationError(f"a prompt needs at least 2 tokens to split into cache + last token, got {len(prompt_ids)}")
+        """The cache of ``prompt_ids[:-1]`` (and its last queries, for SnapKV-style selectors).
+
+        A one-token prompt has an empty cache (no layers, ``seq_len`` 0).
+        """
+        if len(prompt_ids) < 1:
+            raise EvaluationError("a prompt needs at least one token")
+        if len(prompt_ids) == 1:
+            return KVCacheData([], seq_len=0)
         with self._lock:
             cache, observations = hf.prefill(self.model, list(prompt_ids[:-1]), observe_window=observe_window)
             return hf.cache_to_data(cache, observations)
 
-    def generate(self, data: KVCacheData, last_token: int, sampling: Sampling) -> Iterator[int]:
+    def generate(self, data: KVCacheData, last_token: int, sampling: SamplingParams) -> Iterator[int]:
         """New tokens after ``data`` (a cache, possibly evicted or quantized) and ``last_token``.
 
         Stops after ``sampling.max_tokens``, or after an end-of-sequence or stop token
-        (which is yielded too, so the caller can tell why it stopped).
+        (which is yielded too, so the caller can tell why it stopped). Each step takes
+        the model lock, so requests in several threads interleave token by token.
         """
         torch = require("torch")
         generator = None
-        if sampling.temperature > 0:
-            generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+        if not sampling.greedy:
+            generator = torch.Generator()
+            if sampling.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sampling.seed % 2**64)
         stops = {*sampling.stop_token_ids, *([self.eos_token_id] if self.eos_token_id is not None else [])}
         with self._lock:
             cache = hf.data_to_cache(data)
-            out = hf.forward(self.model, cache, [int(last_token)])
+        feed = [int(last_token)]
         for step in range(sampling.max_tokens):
-            token = _pick(torch, out.logits[0, -1], sampling, generator)
-            yield token
-            if token in stops or step == sampling.max_tokens - 1:
-                return
             with self._lock:
-                out = hf.forward(self.model, cache, [token])
+                logits = hf.forward(self.model, cache, feed).logits[0, -1]
+                if not bool(torch.isfinite(logits).all()):
+                    raise FloatingPointError("the model produced non-finite logits")
+                token = sample_token(logits, sampling, generator)
+            yield token
+            if token in stops:
+                return
+            feed = [token]
 
     def warm_up(self) -> None:
         """One short prefill and decode, so that the first request runs at steady-state speed."""
         ids = self.tokenizer("tensorwire warms up the model before the first request.").input_ids
-        list(self.generate(self.prefill(ids), ids[-1], Sampling(max_tokens=2)))
-
-
-def _pick(torch: Any, logits: Any, sampling: Sampling, generator: Any) -> int:
-    if sampling.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < sampling.top_p  # the top token is always kept
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        list(self.generate(self.prefill(ids), ids[-1], SamplingParams(max_tokens=2, temperature=0)))

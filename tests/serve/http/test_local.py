@@ -12,7 +12,8 @@ from tensorwire.control import gbps
 from tensorwire.demo import KV_LIBRARY
 from tensorwire.kv.profiles import ProfileLibrary
 from tensorwire.serve.http import BackgroundServer, GenerationRequest, KVOptions, SamplingParams, create_app
-from tensorwire.serve.http.local import LocalBackend, sample_token
+from tensorwire.serve.engine import sample_token
+from tensorwire.serve.http.local import LocalBackend
 
 from .conftest import MODEL, make_client
 

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from ...control.context import RequestContext
+from ..engine import SamplingParams  # one definition for the front end and the workers
 
 __all__ = [
     "AUTO",
@@ -82,27 +83,6 @@ FinishReason = Literal["stop", "length"]
 
 
 # -- the request ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens.
-
-    ``temperature == 0`` is greedy decoding (argmax; ``top_p`` and ``seed`` are then
-    irrelevant). Otherwise sample from ``softmax(logits / temperature)`` restricted to the
-    smallest set of most likely tokens whose probability reaches ``top_p`` (the top token
-    is always kept, so ``top_p == 0`` is greedy too). ``seed`` (any int; None: fresh
-    randomness) makes sampling reproducible for the same prompt and parameters.
-    """
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_p == 0.0
-
-
 @dataclass(frozen=True)
 class KVOptions:
     """The request's KV-cache options (the ``"tensorwire"`` object of the body, merged with

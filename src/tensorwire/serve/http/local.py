@@ -36,9 +36,11 @@ from ...control.context import Decision
 from ...control.controller import Controller
 from ...control.policies import AlwaysRaw, StaticProfile
 from ...control.policy import Policy
-from ...errors import BackendUnavailable, require
-from ...kv import hf
+from ...errors import BackendUnavailable
+from ...kv.pipeline import Pipeline
 from ...kv.profiles import RAW, ProfileLibrary
+from ...kv.stage import KVCacheData
+from ..engine import Engine
 from .backend import (
     AUTO,
     BackendHealth,
@@ -47,30 +49,13 @@ from .backend import (
     GenerationRequest,
     HFTokenizer,
     Prefilled,
-    SamplingParams,
     Tokens,
 )
 
-__all__ = ["LocalBackend", "sample_token"]
+__all__ = ["LocalBackend"]
 
 T = TypeVar("T")
 OBSERVE_WINDOW = 64  # prefill queries kept for attention-scored selectors (SnapKV-style)
-
-
-def sample_token(logits: Any, sampling: SamplingParams, generator: Any) -> int:
-    """The next token from a ``(vocab,)`` logits tensor: argmax when greedy, else nucleus
-    sampling from ``softmax(logits / temperature)`` with ``generator``."""
-    torch = require("torch")
-    if sampling.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.to(torch.float32) / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs = torch.where(before < sampling.top_p, sorted_probs, torch.zeros_like(sorted_probs))
-        sorted_probs[0] = sorted_probs[0].clamp_min(1e-30)  # the top token is always kept
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class LocalBackend:
@@ -91,7 +76,7 @@ class LocalBackend:
 
     def __init__(self, model: Any, tokenizer: Any, *, library: ProfileLibrary | None = None, policy: Policy | None = None,
                  bandwidth_bps: float | None = None):  # fmt: skip
-        self.model = model
+        self.engine = Engine(model, tokenizer)
         self._tokenizer = HFTokenizer(tokenizer)
         self.library = library
         self.policy = policy if policy is not None else (Controller(library) if library is not None else None)
@@ -99,7 +84,6 @@ class LocalBackend:
         self._forced: dict[str, Policy] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorwire-local")
         self._closed = False
-        self._shape = {k: v for k, v in hf.model_shape(model).items() if k != "q_heads"}
         self._requests = 0
 
     @classmethod
@@ -123,7 +107,7 @@ class LocalBackend:
 
     async def health(self) -> BackendHealth:
         up = not self._closed
-        worker = {"up": up, "kind": "in-process", "device": str(next(self.model.parameters()).device),
+        worker = {"up": up, "kind": "in-process", "device": str(next(self.engine.model.parameters()).device),
                   "mode": "loopback" if self.policy is not None else "plain", "requests": self._requests}  # fmt: skip
         return BackendHealth(ready=up, workers={"local": worker}, detail="" if up else "the backend is closed")
 
@@ -148,41 +132,25 @@ class LocalBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Prefilled, then one Tokens per decode step, then Finished (see the Backend contract)."""
-        torch = require("torch")
         self._requests += 1
-        sampling = request.sampling
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator()
-            if sampling.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(sampling.seed % 2**64)
-        eos = self._tokenizer.eos_token_id
-        ids = list(request.prompt_token_ids)
-
-        (cache, prefilled), queued = await self._run(self._prefill, request)
+        (data, prefilled), queued = await self._run(self._prefill, request)
         yield Prefilled(prefilled["profile"], prefilled["decision"], prefilled["raw"], prefilled["sent"],
                         {"queue_s": queued, **prefilled["timings"]})  # fmt: skip
         start = time.perf_counter()
         queue_s = 0.0
-        feed = ids[-1:]
+        tokens = self.engine.generate(data, request.prompt_token_ids[-1], request.sampling)
         n = 0
         try:
             while True:
-                token, queued = await self._run(self._step, cache, feed, sampling, generator)
+                token, queued = await self._run(next, tokens, None)
                 queue_s += queued
+                if token is None:
+                    break
                 n += 1
                 yield Tokens((token,))
-                if token == eos:
-                    reason = "stop"
-                    break
-                if n >= sampling.max_tokens:
-                    reason = "length"
-                    break
-                feed = [token]
         finally:
-            del cache  # the request's KV memory goes with it, however the stream ends
+            tokens.close()  # the request's KV memory goes with it, however the stream ends
+        reason = "length" if n >= request.sampling.max_tokens and token != self._tokenizer.eos_token_id else "stop"
         yield Finished(reason, {"decode_s": time.perf_counter() - start, "decode_queue_s": queue_s})
 
     # -- model thread -----------------------------------------------------------------------------------
@@ -195,46 +163,32 @@ class LocalBackend:
             self._forced[compression] = forced
         return self._forced[compression]
 
-    def _prefill(self, request: GenerationRequest) -> tuple[Any, dict[str, Any]]:
-        transformers = require("transformers")
-        prefix = list(request.prompt_token_ids[:-1])
+    def _prefill(self, request: GenerationRequest) -> tuple[KVCacheData, dict[str, Any]]:
+        prefix_tokens = len(request.prompt_token_ids) - 1
         policy = self._policy_for(request.kv.compression)
         timings: dict[str, float] = {}
         decision: Decision | None = None
         if policy is not None:
-            context = request.kv.context(len(prefix) or 1, bandwidth_bps=self.bandwidth_bps, request_id=self._requests)
+            context = request.kv.context(prefix_tokens or 1, bandwidth_bps=self.bandwidth_bps, request_id=self._requests)
             decision = policy.choose(context)
         observe = OBSERVE_WINDOW if decision is not None and not decision.is_raw else 0
         t0 = time.perf_counter()
-        if prefix:
-            cache, observations = hf.prefill(self.model, prefix, observe_window=observe)
-        else:
-            cache, observations = transformers.DynamicCache(), None
+        data = self.engine.prefill(request.prompt_token_ids, observe_window=observe)
         timings["prefill_s"] = time.perf_counter() - t0
         out: dict[str, Any] = {"profile": None, "decision": None, "raw": 0, "sent": 0, "timings": timings}
         if decision is None:
-            return cache, out
+            return data, out
         out["decision"] = decision.to_dict()
         out["profile"] = decision.choice
-        raw = self.library.model.kv_bytes(len(prefix)) if self.library is not None else 0
+        raw = self.library.model.kv_bytes(prefix_tokens) if self.library is not None else 0
         out["raw"] = out["sent"] = raw
-        if decision.is_raw or not prefix:
-            return cache, out
-        from ...kv.pipeline import Pipeline
-
+        if decision.is_raw or not prefix_tokens:
+            return data, out
         t0 = time.perf_counter()
-        payload = Pipeline.from_config(decision.pipeline).encode(cache, observations)
+        payload = Pipeline.from_config(decision.pipeline).encode(data)
         t1 = time.perf_counter()
-        decoded = Pipeline.decode(payload, expect=self._shape)
+        decoded = Pipeline.decode_data(payload, expect=self.engine.expect)
         timings["encode_s"] = t1 - t0
         timings["decode_kv_s"] = time.perf_counter() - t1
         out["sent"] = len(payload)
         return decoded, out
-
-    def _step(self, cache: Any, feed: list[int], sampling: SamplingParams, generator: Any) -> int:
-        out = hf.forward(self.model, cache, feed)
-        logits = out.logits[0, -1]
-        if not bool(require("torch").isfinite(logits).all()):
-            raise FloatingPointError("the model produced non-finite logits")
-        return sample_token(logits, sampling, generator)
-
