@@ -50,7 +50,7 @@ def test_decoded_lossless_cache_continues_exactly(smollm2, prompt):
     cache, _ = hf.prefill(model, prefix)
     payload = Pipeline().encode(cache)
     with torch.inference_mode():
-        reference = model(input_ids=continuation[None], past_key_values=cache, use_cache=True).logits
+        reference = model(input_ids=continuation[None], use_cache=True, **{hf.cache_keyword(model): cache}).logits
     decoded = Pipeline.decode(payload, expect={"n_layers": 30, "kv_heads": 3, "head_dim": 64})
     assert decoded.seq_len == 160
     logits = hf.forward(model, decoded, continuation).logits
