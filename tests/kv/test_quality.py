@@ -20,6 +20,8 @@ def evaluator(smollm2, sample_text):
 
 def test_lossless_pipeline_changes_nothing(evaluator):
     r = evaluator.evaluate(Pipeline.from_config(resolve("lossless")))
+    # Exact on purpose: the lossless pipeline returns the cache bit for bit and both scores come
+    # from the same _continuation_nll on it (same shapes, same process), so no rounding differs.
     assert r.ppl == r.ppl_base and r.ppl_increase == 0.0
     assert r.retrieval == r.retrieval_base and r.retrieval_drop == 0.0
     assert r.retrieval_base > 0  # the uncompressed model finds planted facts in a short context

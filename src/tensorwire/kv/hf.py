@@ -16,6 +16,7 @@ The offline model itself is loaded by :func:`tensorwire.models.load_smollm2`.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator
@@ -31,6 +32,7 @@ __all__ = [
     "positioned_cache_class",
     "load_smollm2",
     "model_shape",
+    "cache_keyword",
     "prefill",
     "cache_to_data",
     "data_to_cache",
@@ -79,6 +81,22 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+@lru_cache(maxsize=None)
+def _forward_cache_keyword(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters  # follows deprecate_kwarg's __wrapped__
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The name under which ``model``'s forward takes the KV cache.
+
+    ``"cache"`` where the installed transformers has it (transformers 5 renamed
+    ``past_key_values`` to ``cache`` and answers the old name with a FutureWarning), else
+    ``"past_key_values"`` (older releases, which ``transformers>=4.45`` still allows).
+    """
+    return _forward_cache_keyword(type(model))
+
+
 def _attention_modules(model) -> list:
     layers = model.model.layers
     return [layer.self_attn for layer in layers]
@@ -121,12 +139,13 @@ def prefill(model, input_ids, observe_window: int = 0):
     transformers = require("transformers")
     input_ids = torch.as_tensor(input_ids).reshape(1, -1) if not hasattr(input_ids, "ndim") or input_ids.ndim == 1 else input_ids
     cache = transformers.DynamicCache()
+    kwargs = {"input_ids": input_ids, cache_keyword(model): cache, "use_cache": True}
     with torch.inference_mode():
         if observe_window > 0:
             with _observe(model, min(observe_window, input_ids.shape[1])) as captured:
-                model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+                model(**kwargs)
             return cache, Observations(list(captured))
-        model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        model(**kwargs)
     return cache, None
 
 
@@ -182,7 +201,7 @@ def forward(model, cache, input_ids):
     start = _next_position(cache)
     position_ids = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, position_ids=position_ids, use_cache=True)
+        out = model(input_ids=ids, position_ids=position_ids, use_cache=True, **{cache_keyword(model): cache})
     if hasattr(cache, "seq_len"):
         cache.seq_len = start + ids.shape[1]
     return out
