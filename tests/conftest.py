@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tensorwire.data import SAMPLE_TEXT  # original prose written for tensorwire (no licence strings attached)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
@@ -27,3 +29,8 @@ def smollm2():
     from tensorwire.models import load_smollm2
 
     return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def sample_text() -> Path:
+    return SAMPLE_TEXT

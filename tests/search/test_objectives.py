@@ -18,7 +18,6 @@ from tensorwire.search.objectives import (
     measure_codec,
 )
 from tensorwire.testing.strategies import kv_cache_data
-from tests.kv.conftest import sample_text, smollm2  # noqa: F401  (fixtures: the real model and text)
 
 
 def measurement(**kw) -> Measurement:

@@ -12,7 +12,6 @@ from tensorwire.errors import EvaluationError, SearchError
 from tensorwire.kv.profiles import ProfileLibrary
 from tensorwire.kv.quality import EvalSettings
 from tensorwire.search.runner import ProfileSettings
-from tests.kv.conftest import sample_text  # noqa: F401  (fixture: the sample text)
 
 
 def test_bad_settings_fail_when_made():
