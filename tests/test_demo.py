@@ -21,7 +21,7 @@ from tensorwire.kv.profiles import ProfileLibrary
 def test_demo_runs_the_kv_part_with_the_shipped_library_unless_told(monkeypatch, argv, library):
     seen = {}
 
-    def run_demo(workdir, level, kv_library):  # the demo itself runs two real models: not here
+    def run_demo(workdir, level, kv_library, **_):  # the demo itself runs real models and workers: not here
         seen["kv_library"] = kv_library
         return 0
 

