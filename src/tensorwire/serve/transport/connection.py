@@ -234,12 +234,12 @@ class Connection:
                 raise
 
     async def send_error(self, code: str, message: str, *, fatal: bool = False, request_id: str | None = None) -> None:
-        """Tell the peer a request failed (``fatal=False``: the connection goes on) or that it is closing."""
+        """Tell the peer a request failed (``fatal=False``: the connection goes on) or why we hang up (``fatal=True``)."""
         raw = P.error_payload(code, message, fatal=fatal, request_id=request_id)
         async with self.send_lock:
             await self.write_frame(P.FrameType.ERROR, [raw])
         if fatal:
-            await self.close()
+            await self._linger_close()
 
     # -- KV transfers ------------------------------------------------------------------------
     async def send_kv(self, request_id: str, stream: Any):
@@ -265,7 +265,7 @@ class Connection:
 
     # -- closing -------------------------------------------------------------------------------
     async def fail(self, exc: BaseException, code: str | None = None, request_id: str | None = None) -> None:
-        """Send a fatal ERROR for ``exc`` (when no frame is being written), then close.
+        """Send a fatal ERROR for ``exc`` (unless a frame is being written), then close.
 
         The peer gets a moment to read the ERROR and close its end (then we close at once);
         what it still sends meanwhile is dropped.
@@ -277,13 +277,21 @@ class Connection:
             try:
                 raw = P.error_payload(code, str(exc), fatal=True, request_id=request_id)
                 self._stream.write(b"".join(P.frame(P.FrameType.ERROR, [raw])))
-                self._stream.write_eof()
             except (ConnectionClosed, OSError):
                 pass
         log.info("closing the connection with %s after %s: %s", self.peer, code, exc)
-        self._stream.discard_input()
-        await self._stream.wait_lost(_LINGER_S)
-        await self.abort()
+        await self._linger_close()
+
+    async def _linger_close(self) -> None:
+        stream = self._stream
+        stream.write_eof()
+        stream.discard_input()
+        await stream.wait_lost(_LINGER_S)
+        self._closed = True
+        if stream.transport is not None and stream.transport.get_write_buffer_size() == 0:
+            stream.close()  # the ERROR went out: a normal close
+        else:
+            stream.abort()  # a peer that reads nothing would hold a graceful close forever
 
     async def close(self) -> None:
         """Close the connection (idempotent). The peer's next read raises :class:`ConnectionClosed`."""
