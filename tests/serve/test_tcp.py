@@ -100,7 +100,7 @@ def test_overlap_is_measured_on_both_sides():
 
 
 # -- authentication ----------------------------------------------------------------------------
-def test_a_wrong_secret_is_refused_and_the_server_goes_on():
+def test_a_wrong_secret_is_refused_and_the_server_goes_on(caplog):
     async def handler(conn):
         msg = await conn.recv_message()
         await conn.send_message({"type": "echo", "got": msg})
@@ -118,7 +118,10 @@ def test_a_wrong_secret_is_refused_and_the_server_goes_on():
                 await asyncio.sleep(0.05)
             assert (server.refused, server.accepted) == (1, 1)
 
-    run(body())
+    with caplog.at_level("WARNING", logger="tensorwire.serve"):
+        run(body())
+    assert any("refused a connection" in r.getMessage() and "another shared secret" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> P.Frame:
@@ -402,3 +405,75 @@ def test_a_slow_transfer_does_not_hold_up_the_others():
 
     port = 0
     run(body())
+
+
+# -- limits announced in HELLO, cancellation, failing handlers -----------------------------------------
+def test_the_receivers_max_frame_binds_the_sender():
+    """The client accepts frames of at most 256 KiB: the server cannot send it a bigger message,
+    and a KV layer too big for it is abandoned (non-fatally) before it is sent."""
+    big_layers = kv_cache_data(2, 1, 2, 512, 64)  # 512 KiB per layer, raw
+
+    async def body():
+        async with tcp_pair(max_frame=256 << 10) as (client, server):
+            with pytest.raises(FrameTooLarge, match="message limit|accepts"):
+                await server.send_message({"type": "big", "blob": "x" * (300 << 10)})
+            sending = asyncio.ensure_future(server.send_kv("r", RAW.encode_stream(big_layers)))
+            with pytest.raises(PeerError) as told:
+                await client.recv_kv()
+            assert told.value.code == "encode-failed" and not told.value.fatal
+            with pytest.raises(FrameTooLarge, match="over the"):
+                await sending
+            await server.send_message({"type": "still here"})
+            assert (await client.recv_message())["type"] == "still here"
+
+    run(body())
+
+
+def test_a_cancelled_transfer_closes_the_connection():
+    cache = kv_cache_data(4, 1, 4, 256, 64)  # 1 MiB raw: 0.8 s at 10 Mbit/s
+
+    async def body():
+        async with tcp_pair(shaper=TokenBucket(gbit(0.01))) as (client, server):
+            sending = asyncio.ensure_future(client.send_kv("r", RAW.encode_stream(cache)))
+            receiving = asyncio.ensure_future(server.recv_kv())
+            await asyncio.sleep(0.2)
+            sending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sending
+            assert client.closed
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(receiving, 5.0)
+
+    run(body())
+
+
+def test_a_bad_request_id_is_a_value_error():
+    async def body():
+        async with tcp_pair() as (client, _):
+            with pytest.raises(ValueError, match="request id"):
+                await client.send_kv("", RAW.encode_stream(kv_cache_data(1, 1, 1, 2, 8)))
+            assert not client.closed
+
+    run(body())
+
+
+def test_a_failing_handler_is_logged_and_the_peer_told(caplog):
+    async def handler(conn):
+        if (await conn.recv_message())["type"] == "boom":
+            raise KeyError("a bug in the worker")
+        await conn.send_message({"type": "ok"})
+
+    async def body():
+        async with served(handler) as server:
+            conn = await connect("127.0.0.1", server.port, secret=SECRET)
+            await conn.send_message({"type": "boom"})
+            with pytest.raises(PeerError) as told:
+                await conn.recv_message(timeout=5.0)
+            assert told.value.code == "internal" and told.value.fatal and conn.closed
+            async with await connect("127.0.0.1", server.port, secret=SECRET) as again:
+                await again.send_message({"type": "fine"})
+                assert (await again.recv_message())["type"] == "ok"
+
+    with caplog.at_level("ERROR", logger="tensorwire.serve"):
+        run(body())
+    assert any("handler failed" in r.getMessage() for r in caplog.records)

@@ -139,16 +139,48 @@ class Connection:
     async def _write(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         stream, timeout, shaper = self._stream, self.options.write_timeout, self.options.shaper
         chunk = shaper.chunk if shaper is not None else _WRITE_CHUNK
-        for part in parts:
-            view = memoryview(part).cast("B")
-            for at in range(0, len(view), chunk):
-                piece = view[at : at + chunk]
-                if shaper is not None:
-                    await shaper.acquire(len(piece))
-                stream.write(piece)
-                if shaper is not None or len(view) > chunk:
-                    await stream.drain(timeout)
-        await stream.drain(timeout)
+        started = False
+        try:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                for at in range(0, len(view), chunk):
+                    piece = view[at : at + chunk]
+                    if shaper is not None:
+                        await shaper.acquire(len(piece))
+                    stream.write(piece)
+                    started = True
+                    if shaper is not None or len(view) > chunk:
+                        await stream.drain(timeout)
+            await stream.drain(timeout)
+        except BaseException:
+            if started:  # a frame cut short (timeout, lost peer, cancelled task): the stream is out of step
+                await self.abort()
+            raise
+
+    def check_peer(self) -> None:
+        """Raise if the peer sent an ERROR frame or closed while we were sending (no reader waits).
+
+        A receiver that refuses a KV transfer says so with an ERROR before it closes; the
+        sender sees it here between two frames, without reading anything else.
+        """
+        stream = self._stream
+        staged = stream.staged
+        if len(staged) >= P.HEADER_SIZE and not self.recv_lock.locked():
+            try:
+                head = P.parse_header(staged[: P.HEADER_SIZE], P.CONTROL_MAX_FRAME)
+                if head.type is P.FrameType.ERROR and len(staged) >= P.HEADER_SIZE + head.length:
+                    body = staged[P.HEADER_SIZE : P.HEADER_SIZE + head.length]
+                    P.check_payload(head, body)
+                    raise PeerError(*P.parse_error(body))
+            except ProtocolError as exc:
+                if not isinstance(exc, PeerError) or exc.fatal:
+                    self._closed = True
+                    stream.abort()
+                raise
+        if stream.eof or stream.lost:
+            self._closed = True
+            stream.abort()
+            raise ConnectionClosed("the peer closed the connection while we were sending")
 
     async def message_delay(self) -> None:
         """The shaper's per-message delay (its ``rtt_s``), before a message or a KV transfer."""
@@ -193,6 +225,10 @@ class Connection:
             raise
         except ProtocolError as exc:
             await self.fail(exc)
+            raise
+        except BaseException:  # cancelled: a frame read halfway cannot be resumed
+            if in_frame or stream.out_of_step:
+                await self.abort()
             raise
         if head.type is P.FrameType.ERROR:
             try:

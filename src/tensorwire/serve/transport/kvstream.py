@@ -28,8 +28,6 @@ from ...errors import (
     FormatError,
     FrameTooLarge,
     MalformedFrame,
-    PeerError,
-    ProtocolError,
     ShapeMismatch,
     StageConfigError,
     TensorwireError,
@@ -64,28 +62,6 @@ def _quiet(future: asyncio.Future | None) -> None:
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
-def _peer_spoke(conn) -> None:
-    """Raise if the peer sent an ERROR (or closed) during our transfer: it may only do that now."""
-    stream = conn._stream
-    staged = stream.staged
-    if len(staged) >= P.HEADER_SIZE and not conn.recv_lock.locked():
-        try:
-            head = P.parse_header(staged[: P.HEADER_SIZE], P.CONTROL_MAX_FRAME)
-            if head.type is FT.ERROR and len(staged) >= P.HEADER_SIZE + head.length:
-                body = staged[P.HEADER_SIZE : P.HEADER_SIZE + head.length]
-                P.check_payload(head, body)
-                code, message, fatal, request_id = P.parse_error(body)
-                raise PeerError(code, message, fatal, request_id)
-        except ProtocolError:
-            stream.abort()
-            conn._closed = True
-            raise
-    if stream.eof or stream.lost:
-        conn._closed = True
-        stream.abort()
-        raise ConnectionClosed("the peer closed the connection during the KV transfer")
-
-
 async def send_kv(conn, request_id: str, stream: Any) -> TransferStats:
     """Send ``stream`` (an :class:`~tensorwire.kv.pipeline.EncodedStream`) as request ``request_id``.
 
@@ -93,7 +69,10 @@ async def send_kv(conn, request_id: str, stream: Any) -> TransferStats:
     the peer), :class:`PeerError` when the receiver refused the payload, or the transport's
     errors.
     """
-    P.check_request_id(request_id)
+    try:
+        P.check_request_id(request_id)
+    except MalformedFrame as exc:
+        raise ValueError(str(exc)) from None
     header = stream.header
     n_layers = header["cache"]["n_layers"]
     stats = TransferStats(request_id, "send", conn.shaper, n_layers)
@@ -118,14 +97,15 @@ async def send_kv(conn, request_id: str, stream: Any) -> TransferStats:
         stats.payload_bytes += size - P.HEADER_SIZE
 
     started = time.perf_counter()
+    pending: asyncio.Future | None = None
     async with conn.send_lock:
-        await conn.message_delay()
-        await put(FT.KV_HEADER, [P.kv_header_payload(request_id, header)])
-        await put(FT.KV_BITMAP, [stream.bitmap])
-        limit = P.layer_frame_limit(header, conn.peer_max_frame)
-        pending: asyncio.Future | None = loop.run_in_executor(None, encode, 0)
-        sent = 0
         try:
+            await conn.message_delay()
+            await put(FT.KV_HEADER, [P.kv_header_payload(request_id, header)])
+            await put(FT.KV_BITMAP, [stream.bitmap])
+            limit = P.layer_frame_limit(header, conn.peer_max_frame)
+            pending = loop.run_in_executor(None, encode, 0)
+            sent = 0
             while True:
                 try:
                     item = await pending
@@ -150,19 +130,23 @@ async def send_kv(conn, request_id: str, stream: Any) -> TransferStats:
                     raise refused
                 pending = loop.run_in_executor(None, encode, sent + 1)  # layer i+1 encodes while layer i is sent
                 await put(FT.KV_LAYER, parts=parts)
-                _peer_spoke(conn)
+                conn.check_peer()
                 sent += 1
+            if sent != n_layers:
+                refused = CorruptData(f"the stream yielded {sent} layers, its header declares {n_layers}")
+                await _abandon(conn, request_id, refused, str(refused))
+                raise refused
+            encode_s = sum(b - a for a, b in stats.encode_intervals)
+            await put(FT.KV_END, [P.kv_end_payload(request_id, sent, encode_s)])
         except ConnectionClosed:
-            _peer_spoke(conn)  # the receiver's ERROR, when it is still readable, says why it closed
+            conn.check_peer()  # the receiver's ERROR, when it is still readable, says why it closed
+            raise
+        except asyncio.CancelledError:
+            if stats.frame_bytes:
+                await conn.abort()  # the receiver would wait for frames that never come
             raise
         finally:
             _quiet(pending)
-        if sent != n_layers:
-            exc = CorruptData(f"the stream yielded {sent} layers, its header declares {n_layers}")
-            await _abandon(conn, request_id, exc, str(exc))
-            raise exc
-        encode_s = sum(b - a for a, b in stats.encode_intervals)
-        await put(FT.KV_END, [P.kv_end_payload(request_id, sent, encode_s)])
     return stats.finish(started, time.perf_counter())
 
 
@@ -229,7 +213,9 @@ async def recv_kv(conn, expect: dict[str, int] | None = None, *, request_id: str
             if pending is not None:
                 stats.decode_intervals.append(await _settled(conn, pending, rid))
             pending = None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                await conn.abort()  # the rest of the transfer would arrive where the next frame is due
             if pending is not None:  # never leave a thread decoding into a decoder we drop
                 await asyncio.wait([pending])
                 _quiet(pending)

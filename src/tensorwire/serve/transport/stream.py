@@ -47,6 +47,7 @@ class StreamProtocol(asyncio.BufferedProtocol):
         self._writable = True
         self._write_waiters: list[asyncio.Future] = []
         self._discard = False
+        self.out_of_step = False  # a read gave up with part of its buffer filled: those bytes are lost
         self.transport: asyncio.Transport | None = None
         self.eof = False
         self.lost = False
@@ -173,6 +174,8 @@ class StreamProtocol(asyncio.BufferedProtocol):
                 await asyncio.wait([self._waiter], timeout=None if math.isinf(left) else left)
         finally:
             self._waiter = None
+            if self._target is not None and self._filled > 0:
+                self.out_of_step = True
             self._target = None
 
     def _closed(self, filled: int) -> ConnectionClosed:
