@@ -53,6 +53,20 @@ __all__ = [
     "TooManyRequests",
     "BackendError",
     "BackendUnavailable",
+    # serving: wire protocol and transport (docs/PROTOCOL.md)
+    "ProtocolError",
+    "MalformedFrame",
+    "UnsupportedProtocolVersion",
+    "UnknownFrameType",
+    "FrameTooLarge",
+    "FrameChecksumMismatch",
+    "UnexpectedFrame",
+    "AuthenticationFailed",
+    "PeerError",
+    "ConnectionClosed",
+    "TransportTimeout",
+    "SecretError",
+    "ShapingUnavailable",
     "EXTRAS",
     "require",
 ]
@@ -232,6 +246,94 @@ class BackendUnavailable(BackendError):
     """The backend cannot take requests now (workers down or starting; HTTP 503)."""
 
     status = 503
+
+# -- serving: wire protocol and transport ----------------------------------------------------------
+class ProtocolError(TensorwireError, ConnectionError):
+    """The peer broke the wire protocol (docs/PROTOCOL.md); the connection cannot go on.
+
+    ``code`` is the ERROR frame code the detecting side sends its peer before closing.
+    """
+
+    code = "protocol"
+
+
+class MalformedFrame(ProtocolError):
+    """A frame's header or payload is not what its type requires (bad magic, reserved bits, bad JSON)."""
+
+    code = "malformed-frame"
+
+
+class UnsupportedProtocolVersion(ProtocolError):
+    """The peer speaks a protocol version this build does not."""
+
+    code = "unsupported-version"
+
+
+class UnknownFrameType(ProtocolError):
+    """A frame header names a frame type this protocol version does not define."""
+
+    code = "unknown-frame-type"
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame claims more payload bytes than allowed (the max frame size or the transfer's own bound)."""
+
+    code = "frame-too-large"
+
+
+class FrameChecksumMismatch(ProtocolError):
+    """A frame fails its XXH3-64 checksum: the bytes were altered on the way."""
+
+    code = "frame-checksum"
+
+
+class UnexpectedFrame(ProtocolError):
+    """A well-formed frame arrived where the protocol's sequence allows another one."""
+
+    code = "unexpected-frame"
+
+
+class AuthenticationFailed(ProtocolError):
+    """The handshake failed: the peer does not hold the shared secret (or is not a tensorwire peer)."""
+
+    code = "auth-failed"
+
+
+class PeerError(ProtocolError):
+    """The peer sent an ERROR frame; ``code``, ``fatal`` and ``request_id`` are the frame's fields.
+
+    A non-fatal one reports a failed request: the connection stays usable. After a fatal one
+    the peer closes the connection.
+    """
+
+    def __init__(self, code: str, message: str, fatal: bool = True, request_id: str | None = None):
+        where = f" (request {request_id})" if request_id is not None else ""
+        super().__init__(f"the peer reported {code!r}{where}: {message}")
+        self.code, self.peer_message, self.fatal, self.request_id = code, message, fatal, request_id
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection (``mid_frame``: in the middle of a frame, so the frame is lost)."""
+
+    code = "closed"
+
+    def __init__(self, message: str, mid_frame: bool = False):
+        super().__init__(message)
+        self.mid_frame = mid_frame
+
+
+class TransportTimeout(TensorwireError, TimeoutError):
+    """The peer sent (or read) nothing for longer than the connection's timeout: a stalled peer."""
+
+    code = "timeout"
+
+
+class SecretError(TensorwireError, ValueError):
+    """No usable shared secret: none configured, too short, or a secret file others can read."""
+
+
+class ShapingUnavailable(TensorwireError, RuntimeError):
+    """Kernel link shaping (a network namespace with tc tbf) is not allowed here; the reason says why."""
 
 
 # -- optional dependencies ---------------------------------------------------------------------------

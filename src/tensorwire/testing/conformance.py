@@ -27,12 +27,16 @@ What each suite checks:
   awkward sizes and values, and named errors for cut, padded or mis-described streams;
 * :class:`CodecSuite` (lossless array codecs such as ``EnecCodec``): the numcodecs-style
   contract, bit-exact round trips of every dtype's awkward values, and named errors for
-  every truncation and for bit flips.
+  every truncation and for bit flips;
+* :class:`TransportSuite` (transports of the wire protocol, docs/PROTOCOL.md): messages,
+  bit-exact KV transfers with their stats, error frames, timeouts, close, concurrency.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -43,7 +47,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ..codec.planes import LAYOUTS
-from ..errors import CorruptData, FormatError, ObservationError, StageConfigError, TensorwireError
+from ..errors import (
+    ConnectionClosed,
+    CorruptData,
+    FormatError,
+    ObservationError,
+    PeerError,
+    ShapeMismatch,
+    StageConfigError,
+    TensorwireError,
+    TransportTimeout,
+    UnrepresentableValues,
+)
 from ..kv.pipeline import Pipeline
 from ..kv.registry import stage_class
 from ..kv.stage import (
@@ -68,6 +83,7 @@ __all__ = [
     "SelectorSuite",
     "StageSuite",
     "TransformSuite",
+    "TransportSuite",
 ]
 
 FLOAT32_EPS = 2.0**-23
@@ -402,3 +418,207 @@ class CodecSuite(_Parametrized):
             bad[at] ^= 1 << int(rng.integers(8))
             with pytest.raises(FormatError):
                 codec.decode(bytes(bad))
+
+
+# -- transports -------------------------------------------------------------------------------------
+def _same_cache(got: KVCacheData, want: KVCacheData) -> bool:
+    return (got.seq_len == want.seq_len and got.dtype == want.dtype and got.n_layers == want.n_layers
+            and all(_same_bits(a.keys, b.keys) and _same_bits(a.values, b.values)
+                    and np.array_equal(a.positions, b.positions) for a, b in zip(got.layers, want.layers)))  # fmt: skip
+
+
+class _FailingStream:
+    """An encoded stream whose encoder raises at layer ``fail_at`` (a sender-side failure)."""
+
+    def __init__(self, stream, fail_at: int):
+        self.header, self.bitmap = stream.header, stream.bitmap
+        self._layers, self._fail_at = stream.layers, fail_at
+
+    @property
+    def layers(self):
+        for i, item in enumerate(self._layers):
+            if i == self._fail_at:
+                raise UnrepresentableValues(f"layer {i} holds NaN (raised on purpose by the suite)")
+            yield item
+
+
+class TransportSuite:
+    """The contract of a transport of the wire protocol (docs/PROTOCOL.md), for any implementation.
+
+    A subclass implements :meth:`pair`: an async context manager that yields two connected,
+    authenticated connections ``(client, server)`` with the API of
+    :class:`tensorwire.serve.Connection`, passing ``options`` (``read_timeout``, ...) to both,
+    and closes everything on exit. Each test runs in its own event loop within ``time_limit``.
+
+    What it checks: control messages round-trip in order in both directions and non-JSON
+    is refused before sending; a KV stream arrives equal, bit for bit, to
+    ``Pipeline.decode_data(pipe.encode(cache))`` (with and without evicted tokens) with
+    consistent stats; a cache of another shape is :class:`ShapeMismatch` on the receiver
+    and an error on the sender; an encoder failure reaches the receiver as a non-fatal
+    :class:`PeerError` and both ends go on; a non-fatal ERROR leaves the connection usable;
+    a silent peer raises :class:`TransportTimeout` after about the timeout (and the
+    connection survives it); a closed peer raises :class:`ConnectionClosed`; two pairs
+    transfer at the same time.
+    """
+
+    time_limit: ClassVar[float] = 60.0
+    pipelines: ClassVar[Sequence[dict[str, Any]]] = (
+        {"stages": [{"id": "kivi", "k_bits": 4, "v_bits": 4}, {"id": "zstd"}]},
+        {"stages": [{"id": "streaming_llm", "keep_fraction": 0.5}, {"id": "zstd"}]},
+        {"stages": []},
+    )
+    shapers: ClassVar[Sequence[str]] = ("none", "token-bucket", "tbf")
+
+    def pair(self, **options: Any):
+        """An async context manager yielding ``(client, server)``; see the class docstring."""
+        raise NotImplementedError(f"{type(self).__name__} must implement pair()")
+
+    def run(self, body) -> Any:
+        async def bounded():
+            return await asyncio.wait_for(body(), self.time_limit)
+
+        return asyncio.run(bounded())
+
+    # -- control messages ----------------------------------------------------------------
+    def test_messages_round_trip_in_order_both_ways(self) -> None:
+        messages = [{"type": "request", "request_id": "r-1", "prompt": "héllo ✓ " * 50, "max_tokens": 2**40},
+                    {"type": "nested", "a": [1, 2.5, None, True, {"b": []}], "z": -0.0},
+                    {"type": "big", "blob": "x" * 200_000}]  # fmt: skip
+
+        async def body():
+            async with self.pair() as (client, server):
+                for msg in messages:
+                    await client.send_message(msg)
+                for msg in messages:
+                    assert await server.recv_message() == msg
+                for msg in reversed(messages):
+                    await server.send_message(msg)
+                for msg in reversed(messages):
+                    assert await client.recv_message() == msg
+
+        self.run(body)
+
+    def test_a_message_is_a_json_object_with_a_type(self) -> None:
+        async def body():
+            async with self.pair() as (client, server):
+                for bad in ({}, {"type": 3}, ["type"], {"type": "x", "v": float("nan")}, {"type": "x", "v": object()}):
+                    with pytest.raises(TypeError):
+                        await client.send_message(bad)
+                await client.send_message({"type": "still-fine"})
+                assert (await server.recv_message())["type"] == "still-fine"
+
+        self.run(body)
+
+    # -- KV transfers ----------------------------------------------------------------------
+    def test_kv_arrives_bit_for_bit(self) -> None:
+        cache = kv_cache_data(4, 1, 2, 97, 64, seed=5)
+
+        async def body():
+            async with self.pair() as (client, server):
+                for n, config in enumerate(self.pipelines):
+                    pipe = Pipeline.from_config(config)
+                    request_id = f"req-{n}"
+                    sent, (got, received) = await _both(client.send_kv(request_id, pipe.encode_stream(cache)),
+                                                        server.recv_kv(request_id=request_id))  # fmt: skip
+                    assert _same_cache(got, Pipeline.decode_data(pipe.encode(cache))), config
+                    for stats, direction in ((sent, "send"), (received, "recv")):
+                        assert stats.request_id == request_id and stats.direction == direction
+                        assert stats.n_layers == cache.n_layers and stats.shaper in self.shapers
+                        assert stats.wire_bytes > stats.payload_bytes > 0 and stats.total_s > 0
+                        assert 0 <= stats.overlap_s <= stats.wire_s + 1e-9
+                    assert sent.wire_bytes == received.wire_bytes
+                    assert sent.encode_s > 0 and received.decode_s > 0 and received.peer_encode_s is not None
+                    assert json.loads(json.dumps(sent.to_dict()))["request_id"] == request_id
+
+        self.run(body)
+
+    def test_a_cache_of_another_shape_is_refused(self) -> None:
+        cache = kv_cache_data(2, 1, 2, 16, 16)
+        pipe = Pipeline.from_config(self.pipelines[-1])
+
+        async def body():
+            async with self.pair() as (client, server):
+                sending = asyncio.ensure_future(client.send_kv("r", pipe.encode_stream(cache)))
+                with pytest.raises(ShapeMismatch):
+                    await server.recv_kv(expect={"n_layers": 30})
+                with pytest.raises(TensorwireError):  # the receiver's ERROR, or the connection it closed
+                    await sending
+                    await client.recv_message(timeout=5.0)
+
+        self.run(body)
+
+    def test_an_encoder_failure_reaches_the_receiver_and_both_go_on(self) -> None:
+        cache = kv_cache_data(4, 1, 2, 16, 16)
+        pipe = Pipeline.from_config(self.pipelines[-1])
+
+        async def body():
+            async with self.pair() as (client, server):
+                sending = asyncio.ensure_future(client.send_kv("r1", _FailingStream(pipe.encode_stream(cache), 2)))
+                with pytest.raises(PeerError) as caught:
+                    await server.recv_kv()
+                assert not caught.value.fatal and caught.value.request_id == "r1"
+                with pytest.raises(UnrepresentableValues):
+                    await sending
+                sent, (got, _) = await _both(client.send_kv("r2", pipe.encode_stream(cache)), server.recv_kv())
+                assert _same_cache(got, Pipeline.decode_data(pipe.encode(cache)))
+
+        self.run(body)
+
+    # -- errors, timeouts, close --------------------------------------------------------------
+    def test_a_non_fatal_error_keeps_the_connection(self) -> None:
+        async def body():
+            async with self.pair() as (client, server):
+                await server.send_error("busy", "no decode slot free; retry", request_id="r9")
+                with pytest.raises(PeerError) as caught:
+                    await client.recv_message()
+                assert (caught.value.code, caught.value.fatal, caught.value.request_id) == ("busy", False, "r9")
+                await server.send_message({"type": "after"})
+                assert (await client.recv_message())["type"] == "after"
+
+        self.run(body)
+
+    def test_a_silent_peer_times_out(self) -> None:
+        async def body():
+            async with self.pair(read_timeout=0.3) as (client, server):
+                started = time.monotonic()
+                with pytest.raises(TransportTimeout):
+                    await client.recv_message()
+                assert 0.25 <= time.monotonic() - started < 5.0
+                with pytest.raises(TimeoutError):  # the built-in, for callers that do not know tensorwire
+                    await client.recv_message(timeout=0.1)
+                await server.send_message({"type": "late"})  # nothing of a frame had come: still in step
+                assert (await client.recv_message())["type"] == "late"
+
+        self.run(body)
+
+    def test_a_closed_peer_is_connection_closed(self) -> None:
+        async def body():
+            async with self.pair() as (client, server):
+                await server.close()
+                with pytest.raises(ConnectionClosed):
+                    await client.recv_message(timeout=5.0)
+                with pytest.raises(ConnectionError):
+                    for _ in range(100):  # the first writes may still be buffered by the OS
+                        await client.send_message({"type": "into the void", "pad": "x" * 10_000})
+
+        self.run(body)
+
+    def test_two_pairs_transfer_at_once(self) -> None:
+        cache = kv_cache_data(3, 1, 2, 64, 32)
+        pipe = Pipeline.from_config(self.pipelines[0])
+        want = Pipeline.decode_data(pipe.encode(cache))
+
+        async def one(n: int):
+            async with self.pair() as (client, server):
+                _, (got, _) = await _both(client.send_kv(f"r{n}", pipe.encode_stream(cache)), server.recv_kv())
+                assert _same_cache(got, want)
+
+        async def body():
+            await asyncio.gather(one(0), one(1), one(2))
+
+        self.run(body)
+
+
+async def _both(first, second):
+    """Run two coroutines at once (a sender and a receiver); returns both results."""
+    return tuple(await asyncio.gather(first, second))
