@@ -1,0 +1,221 @@
+"""Start and stop a prefill/decode deployment on this machine: each worker its own process.
+
+:class:`Cluster` starts the decode workers, then the prefill worker pointed at them, each
+``python -m tensorwire.serve.workers ROLE``, and waits for each one's ready line (its
+port). The link between them is shaped by the kernel (a network namespace whose loopback
+has a ``tc tbf`` qdisc; the KV sockets of both workers are made in it) where that is
+allowed, else by the prefill worker's sender-side token bucket (see docs/PROTOCOL.md,
+"Link emulation"). :meth:`Cluster.stop` sends SIGTERM, waits, and kills what is left, so
+no process, port or namespace outlives it.
+
+Example
+-------
+>>> with Cluster(ClusterConfig(gbps=1.0)) as cluster:           # doctest: +SKIP
+...     backend = cluster.backend(tokenizer)                     # a Backend for create_app
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendUnavailable, ShapingUnavailable
+from . import auth
+from .transport import Netns, gbit, kernel_shaping_status
+
+SHAPERS = ("auto", "tbf", "token-bucket", "none")
+
+__all__ = ["Cluster", "ClusterConfig", "WorkerProcess"]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """One prefill worker, ``decode_workers`` decode workers, and the link between them.
+
+    ``gbps`` (or ``trace``, following :func:`tensorwire.control.traces.make_trace` with
+    ``trace_step_s`` seconds per value and rates times ``trace_scale``) is the link;
+    ``shaper`` is ``"auto"`` (tbf if allowed, else the token bucket), ``"tbf"``,
+    ``"token-bucket"`` or ``"none"``. ``library`` is the profile library (default: the
+    shipped SmolLM2 one); ``secret_file`` the shared secret (created when absent).
+    """
+
+    decode_workers: int = 1
+    gbps: float | None = 1.0
+    trace: str | None = None
+    trace_step_s: float = 1.0
+    trace_scale: float = 1.0
+    rtt_ms: float = 0.0
+    shaper: str = "auto"
+    library: str | None = None
+    secret_file: str | None = None
+    calibrate: bool = True
+    host: str = "127.0.0.1"
+    prefill_port: int = 0
+    start_timeout_s: float = 300.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class WorkerProcess:
+    """A worker's process, its address once ready, and its log (stderr, kept in a file)."""
+
+    def __init__(self, role: str, argv: list[str], env: dict[str, str], log_dir: Path):
+        self.role = role
+        self.log_path = log_dir / f"{role}-{len(list(log_dir.iterdir()))}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, env=env, start_new_session=True)
+        self.host: str | None = None
+        self.port: int | None = None
+
+    def wait_ready(self, timeout: float) -> None:
+        """Read the ready line; raise :class:`BackendUnavailable` with the log's tail if it never comes."""
+        found: list[str] = []
+        reader = threading.Thread(target=lambda: found.append(self.proc.stdout.readline().decode()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        line = found[0] if found else ""
+        if not line.strip():
+            self.kill()
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise BackendUnavailable(f"the {self.role} worker did not start within {timeout:g} s "
+                                     f"(exit code {self.proc.poll()}); its log ends with:\n{tail}")  # fmt: skip
+        ready = json.loads(line)
+        self.host, self.port = ready["host"], int(ready["port"])
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` s for in-flight requests, then SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class Cluster:
+    """The running deployment of a :class:`ClusterConfig` (a context manager)."""
+
+    def __init__(self, config: ClusterConfig | None = None):
+        self.config = config or ClusterConfig()
+        self.netns: Netns | None = None
+        self.shaper = "none"  # which shaper runs the link: "tbf", "token-bucket" or "none"
+        self.decode: list[WorkerProcess] = []
+        self.prefill: WorkerProcess | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="tensorwire-cluster-")
+        self.log_dir = Path(self._tmp.name)
+        self.secret_file = Path(self.config.secret_file) if self.config.secret_file else self.log_dir / "secret"
+
+    def _shape(self) -> list[str]:
+        """Set up the link; returns the prefill worker's shaping arguments."""
+        c = self.config
+        if c.shaper not in SHAPERS:
+            raise ValueError(f"shaper is one of {SHAPERS}, got {c.shaper!r}")
+        if c.shaper == "none" or (c.gbps is None and c.trace is None):
+            return []
+        if c.shaper in ("auto", "tbf") and c.trace is None:
+            allowed, why = kernel_shaping_status()
+            if allowed:
+                self.netns = Netns().create()
+                self.netns.shape(gbit(c.gbps))
+                self.shaper = "tbf"
+                return ["--initial-gbps", str(c.gbps)]
+            if c.shaper == "tbf":
+                raise ShapingUnavailable(why)
+        self.shaper = "token-bucket"  # also for a trace: the bucket follows it in the sender
+        if c.trace:
+            return ["--trace", c.trace, "--trace-step-s", str(c.trace_step_s), "--trace-scale", str(c.trace_scale)]
+        return ["--gbps", str(c.gbps)]
+
+    def start(self) -> Cluster:
+        c = self.config
+        auth.ensure_secret_file(self.secret_file)
+        try:
+            shaping = self._shape()
+            env = {**os.environ, **c.env}
+            common = [sys.executable, "-m", "tensorwire.serve.workers"]
+            shared = ["--host", c.host, "--secret-file", str(self.secret_file)]
+            shared += ["--netns", self.netns.name] if self.netns is not None else []
+            self.decode = [WorkerProcess("decode", [*common, "decode", *shared], env, self.log_dir)
+                           for _ in range(c.decode_workers)]  # fmt: skip
+            for worker in self.decode:  # they load the model side by side
+                worker.wait_ready(c.start_timeout_s)
+            argv = [*common, "prefill", *shared, "--port", str(c.prefill_port), *shaping]
+            argv += [arg for worker in self.decode for arg in ("--decode", worker.address)]
+            argv += ["--rtt-ms", str(c.rtt_ms)] if c.rtt_ms else []
+            argv += ["--library", c.library] if c.library else []
+            argv += [] if c.calibrate else ["--no-calibrate"]
+            self.prefill = WorkerProcess("prefill", argv, env, self.log_dir)
+            self.prefill.wait_ready(c.start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def backend(self, tokenizer: Any, profiles=()):
+        """A front-end :class:`~tensorwire.serve.http.backend.Backend` talking to this cluster."""
+        from .workers.backend import WorkerBackend
+
+        if self.prefill is None:
+            raise BackendUnavailable("the cluster is not started")
+        return WorkerBackend(tokenizer, self.prefill.host, self.prefill.port, secret=auth.load_secret(self.secret_file),
+                             profiles=profiles)  # fmt: skip
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
+        """Stop every process (prefill first, so nothing new reaches the decode workers) and the link."""
+        codes: dict[str, int | None] = {}
+        if self.prefill is not None:
+            codes["prefill"] = self.prefill.stop(timeout)
+        for i, worker in enumerate(self.decode):
+            codes[f"decode-{i}"] = worker.stop(timeout)
+        if self.netns is not None:
+            self.netns.close()
+            self.netns = None
+        self._tmp.cleanup()
+        return codes
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def tokenizer():
+    """SmolLM2's tokenizer alone (the front end counts, templates and detokenizes with it)."""
+    from ..errors import require
+    from ..models import smollm2_folder
+
+    return require("transformers").AutoTokenizer.from_pretrained(smollm2_folder())
+
+
+def serve_forever(config: ClusterConfig, *, http_host: str = "127.0.0.1", http_port: int = 8000,
+                  defaults: Any = None, max_context: int = 8192) -> None:  # fmt: skip
+    """``tensorwire serve``: the workers of ``config`` and the OpenAI API in front, until Ctrl-C or SIGTERM."""
+    from ..kv.profiles import ProfileLibrary
+    from ..data import SMOLLM2_LIBRARY
+    from ..models import SMOLLM2_NAME
+    from .http import create_app, serve
+
+    library = ProfileLibrary.load(config.library or SMOLLM2_LIBRARY)
+    with Cluster(config) as cluster:
+        app = create_app(cluster.backend(tokenizer(), profiles=library.names), model_name=SMOLLM2_NAME,
+                         max_context=max_context, defaults=defaults)  # fmt: skip
+        serve(app, host=http_host, port=http_port)  # uvicorn returns on SIGINT or SIGTERM; then the workers stop

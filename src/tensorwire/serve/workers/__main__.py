@@ -1,0 +1,142 @@
+"""A worker process: ``python -m tensorwire.serve.workers {prefill,decode} [options]``.
+
+Each worker loads the model, warms it (and, for the prefill worker, calibrates the
+profile library on this machine), starts listening, and prints one JSON line to stdout
+when it is ready: ``{"role": ..., "host": ..., "port": ..., "pid": ...}``. SIGTERM (or
+SIGINT) stops it: no new connections, in-flight requests get ``--drain-s`` seconds to
+finish, then the process exits 0. ``tensorwire.serve.cluster`` starts and stops these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from ...control import Controller
+from ...control.traces import make_trace
+from ...data import SAMPLE_TEXT, SMOLLM2_LIBRARY
+from ...kv.profiles import ProfileLibrary
+from .. import auth
+from ..calibration import calibrate
+from ..engine import Engine
+from ..transport import Netns, TokenBucket, connect, gbit, start_server
+from .decode import DecodeWorker
+from .prefill import Peer, PrefillWorker
+
+log = logging.getLogger("tensorwire.serve.worker")
+
+CALIBRATION_TOKENS = 1024  # prompt tokens of the cache the prefill worker calibrates on
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tensorwire.serve.workers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("role", choices=("prefill", "decode"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: a free port (printed when ready)")
+    p.add_argument("--secret-file", help="shared secret (default: $TENSORWIRE_SECRET)")
+    p.add_argument("--netns", help="the network namespace of the shaped link (tbf): KV sockets are made in it")
+    p.add_argument("--drain-s", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    g = p.add_argument_group("prefill worker")
+    g.add_argument("--decode", action="append", default=[], metavar="HOST:PORT", help="a decode worker (repeatable)")
+    g.add_argument("--library", help="profile library JSON (default: the shipped SmolLM2 library)")
+    g.add_argument("--gbps", type=float, help="link rate for the sender-side token bucket, Gbit/s")
+    g.add_argument("--trace", help="follow this bandwidth trace (step, walk, bursty) with the token bucket")
+    g.add_argument("--trace-step-s", type=float, default=1.0)
+    g.add_argument("--trace-scale", type=float, default=1.0, help="multiply the trace's rates by this")
+    g.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time the sender adds per message")
+    g.add_argument("--initial-gbps", type=float, help="the controller's first bandwidth estimate (default: --gbps)")
+    g.add_argument("--no-calibrate", action="store_true", help="keep the library's offline codec speeds")
+    return p
+
+
+async def _serve(args: argparse.Namespace, handler, on_ready) -> None:
+    secret = auth.load_secret(args.secret_file)
+    options: dict[str, Any] = {}
+    if args.role == "decode" and args.netns:
+        options["sock"] = Netns(args.netns).listen_socket(args.host, args.port)
+    else:
+        options.update(host=args.host, port=args.port)
+    server = await start_server(handler, secret=secret, read_timeout=math.inf, **options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    on_ready(server)
+    await stop.wait()
+    log.info("stopping: no new connections; %d open", server.connections)
+    await _drain(server, args.drain_s)
+
+
+async def _drain(server, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    server.stop_accepting() if hasattr(server, "stop_accepting") else None
+    while server.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await server.close()
+
+
+def _decode(args: argparse.Namespace, engine: Engine):
+    return DecodeWorker(engine).handle
+
+
+def _prefill(args: argparse.Namespace, engine: Engine):
+    library = ProfileLibrary.load(args.library or SMOLLM2_LIBRARY)
+    if not args.no_calibrate:
+        ids = engine.tokenizer(SAMPLE_TEXT.read_text()).input_ids[:CALIBRATION_TOKENS]
+        library = calibrate(library, engine.prefill(ids, observe_window=64), log=log.info)
+    rate = gbit(args.gbps) if args.gbps else None
+    bucket = None
+    if args.trace:
+        bucket = TokenBucket.from_trace(make_trace(args.trace, 200), args.trace_step_s, scale=args.trace_scale,
+                                        rtt_s=args.rtt_ms / 1e3)  # fmt: skip
+    elif rate or args.rtt_ms:
+        bucket = TokenBucket(rate or math.inf, rtt_s=args.rtt_ms / 1e3)
+    initial = gbit(args.initial_gbps) if args.initial_gbps else (bucket.rate if bucket and math.isfinite(bucket.rate) else None)
+    controller = Controller(library, initial_bandwidth_bps=initial)
+    secret = auth.load_secret(args.secret_file)
+
+    async def connect_peer(host: str, port: int):
+        options: dict[str, Any] = {"secret": secret}
+        if args.netns:
+            options.update(sock=Netns(args.netns).socket(), link="tbf")
+        if bucket is not None:
+            options["shaper"] = bucket
+        return await connect(host, port, **options)
+
+    peers = [Peer(*_host_port(a)) for a in args.decode]
+    if not peers:
+        raise SystemExit("a prefill worker needs at least one --decode HOST:PORT")
+    return PrefillWorker(engine, controller, peers, connect_peer).handle
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("TENSORWIRE_LOG", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s {args.role}[%(process)d] %(levelname)s %(message)s")  # fmt: skip
+    engine = Engine.load()
+    engine.warm_up()
+    handler = (_prefill if args.role == "prefill" else _decode)(args, engine)
+
+    def ready(server) -> None:
+        print(json.dumps({"role": args.role, "host": server.host, "port": server.port, "pid": os.getpid()}), flush=True)
+
+    asyncio.run(_serve(args, handler, ready))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

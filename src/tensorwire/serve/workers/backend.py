@@ -1,0 +1,94 @@
+"""The front end's :class:`~tensorwire.serve.http.backend.Backend` over the workers.
+
+Each request opens one authenticated connection to the prefill worker, sends
+``{"type": "generate", ...}`` and turns what comes back into the backend's events:
+``kv_sent`` into :class:`Prefilled`, each ``token`` into :class:`Tokens`, ``done`` into
+:class:`Finished`. Closing the event stream early closes the connection, which ends the
+request's work on the workers (they see the peer go and stop).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+from ...errors import BackendError, BackendUnavailable, TensorwireError
+from ..http.backend import BackendHealth, Finished, GenerationEvent, GenerationRequest, HFTokenizer, Prefilled, Tokens
+from ..transport import connect
+
+__all__ = ["WorkerBackend"]
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class WorkerBackend:
+    """Requests go to the prefill worker at ``host:port``; ``profiles`` are the names a client may force."""
+
+    def __init__(self, tokenizer: Any, host: str, port: int, *, secret: bytes, profiles: Collection[str] = (),
+                 read_timeout: float = 120.0):  # fmt: skip
+        self._tokenizer = HFTokenizer(tokenizer)
+        self.host, self.port = host, port
+        self._secret = secret
+        self._profiles = tuple(profiles)
+        self.read_timeout = read_timeout
+
+    @property
+    def tokenizer(self) -> HFTokenizer:
+        return self._tokenizer
+
+    @property
+    def profiles(self) -> Collection[str]:
+        return self._profiles
+
+    async def _connect(self):
+        try:
+            return await connect(self.host, self.port, secret=self._secret, read_timeout=self.read_timeout)
+        except (OSError, TensorwireError) as exc:
+            raise BackendUnavailable(f"the prefill worker at {self.host}:{self.port} cannot be reached: {exc}") from exc
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        conn = await self._connect()
+        try:
+            kv = request.kv
+            await conn.send_message({
+                "type": "generate", "id": request.request_id, "prompt_ids": list(request.prompt_token_ids),
+                "sampling": request.sampling.to_dict(),
+                "control": {"compression": kv.compression, "slo_s": _finite(kv.slo_s),
+                            "max_ppl_increase": _finite(kv.max_ppl_increase),
+                            "max_retrieval_drop": _finite(kv.max_retrieval_drop), "workload": kv.workload},
+            })  # fmt: skip
+            while True:
+                message = await conn.recv_message()
+                kind = message.get("type")
+                if kind == "token":
+                    yield Tokens((int(message["token"]),))
+                elif kind == "kv_sent":
+                    decision = message.get("decision") or {}
+                    yield Prefilled(decision.get("choice"), decision, int(message.get("kv_bytes_raw") or 0),
+                                    int(message.get("kv_bytes_sent") or 0),
+                                    message.get("timings", {}))  # fmt: skip
+                elif kind == "done":
+                    yield Finished(message.get("finish_reason", "stop"), {"attempts": message.get("attempts", [])})
+                    return
+                else:
+                    raise BackendError(f"the prefill worker failed the request: {message.get('message', message)}")
+        finally:
+            await conn.close()
+
+    async def health(self) -> BackendHealth:
+        try:
+            conn = await self._connect()
+            try:
+                await conn.send_message({"type": "health"})
+                state = await conn.recv_message(timeout=5.0)
+            finally:
+                await conn.close()
+        except (OSError, TensorwireError) as exc:
+            return BackendHealth(ready=False, workers={"prefill": {"up": False}}, detail=str(exc))
+        workers: dict[str, dict[str, Any]] = {"prefill": {"up": True, "in_flight": state.get("in_flight")}}
+        for peer in state.get("peers", []):
+            workers[f"decode {peer['host']}:{peer['port']}"] = {"up": peer.get("failures", 0) == 0, **peer}
+        return BackendHealth(ready=True, workers=workers)

@@ -1,0 +1,282 @@
+"""The prefill worker: runs the prompt, lets the controller pick a pipeline, ships the KV cache.
+
+Per ``{"type": "generate", ...}`` request from the front end (docs/PROTOCOL.md, "Worker
+messages"):
+
+1. prefill ``prompt_ids[:-1]`` (with the last queries, for SnapKV-style profiles);
+2. ask the controller for a profile, or raw, from the cache size, the learned bandwidth
+   to the decode workers, the request's SLO and quality budget (or take the one the
+   request forces);
+3. connect to the least busy decode worker, send ``continue`` and the KV stream (each
+   layer encoded while the previous one is on the wire); once the decode worker holds the
+   cache, tell the front end (``{"type": "kv_sent", "decision", "kv_bytes_raw",
+   "kv_bytes_sent", "timings"}``) and relay the decode worker's tokens as they come;
+4. feed the controller what it observed: the latency from the first encode to the decode
+   worker's ``kv_received``, the bytes, and the wire time.
+
+Faults: a decode worker that cannot be reached, drops the connection or stalls is
+replaced by the next one; a transfer it rejects as damaged (``bad_kv``) is resent raw;
+when no decode worker is left, this worker generates the rest itself from its own cache.
+Tokens carry their index and a retried request skips the ones already relayed, with
+seeded sampling giving the same tokens anywhere, so no token is lost or sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ...control import RAW, Controller, Decision, RequestContext
+from ...errors import PeerError, TensorwireError
+from ...kv.pipeline import Pipeline
+from ...kv.presets import PRESETS
+from ..engine import Engine, SamplingParams
+from ..transport.tcp import Connection
+
+__all__ = ["PrefillWorker", "Peer", "RAW_PIPELINE"]
+
+log = logging.getLogger("tensorwire.serve.prefill")
+
+# ERROR codes of a transfer that arrived damaged (docs/PROTOCOL.md): resent raw, elsewhere.
+DAMAGED = frozenset({"frame-checksum", "malformed-frame", "payload-checksum", "corrupt-payload", "bad_kv"})
+RAW_PIPELINE = PRESETS["bf16"]  # "uncompressed": the bf16 cache a server holds, as it is
+OBSERVE_WINDOW = 64  # queries captured during prefill for SnapKV-style selectors
+
+
+@dataclass
+class Peer:
+    """A decode worker and what this prefill worker knows of it."""
+
+    host: str
+    port: int
+    in_flight: int = 0
+    failures: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class PrefillWorker:
+    """Serves ``generate`` requests from the front end.
+
+    Parameters
+    ----------
+    engine : Engine
+        The model (the same one the decode workers run).
+    controller : Controller
+        Chooses a profile per request; learns from every transfer.
+    peers : sequence of Peer
+        The decode workers.
+    connect : callable
+        ``await connect(host, port) -> Connection`` (authenticated, shaped as configured).
+    """
+
+    def __init__(self, engine: Engine, controller: Controller, peers: Sequence[Peer],
+                 connect: Callable[[str, int], Any], observe_window: int = OBSERVE_WINDOW):  # fmt: skip
+        self.engine = engine
+        self.controller = controller
+        self.peers = list(peers)
+        self.connect = connect
+        self.observe_window = observe_window
+        self.in_flight = 0
+
+    # -- one request ---------------------------------------------------------------------
+    async def handle(self, front: Connection) -> None:
+        request = await front.recv_message()
+        request_id = request.get("id")
+        self.in_flight += 1
+        try:
+            if request.get("type") == "health":
+                await front.send_message({"type": "health", "in_flight": self.in_flight - 1,
+                                          "peers": [dataclasses.asdict(p) for p in self.peers]})  # fmt: skip
+                return
+            if request.get("type") != "generate":
+                raise ValueError(f"expected a 'generate' or 'health' message, got {request.get('type')!r}")
+            await self._serve(front, request)
+        except (TensorwireError, KeyError, TypeError, ValueError) as exc:
+            log.warning("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
+            await front.send_message({"type": "error", "id": request_id, "code": "bad_request",
+                                      "message": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(self, front: Connection, request: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        request_id = request["id"]
+        prompt = [int(t) for t in request["prompt_ids"]]
+        sampling = SamplingParams.from_dict(request["sampling"])
+        if not sampling.greedy and sampling.seed is None:
+            # A seed of our own: a retry on another worker then repeats the tokens already sent.
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
+        began = time.perf_counter()
+        data = await loop.run_in_executor(None, self.engine.prefill, prompt, self.observe_window)
+        prefill_s = time.perf_counter() - began
+        decision = self._decide(request, data.nbytes(2))
+        config = decision.pipeline or RAW_PIPELINE
+        relay = _Relay(front, request_id, decision, data.nbytes(2), prefill_s)
+        attempts: list[dict[str, Any]] = []
+        for peer in self._ranked_peers():
+            outcome = await self._transfer(peer, request_id, data, prompt[-1], sampling, config, decision, relay)
+            attempts.append(outcome)
+            if outcome["status"] == "done":
+                break
+            if outcome["status"] == "bad_kv":
+                config = RAW_PIPELINE  # the damaged transfer is resent uncompressed
+        else:
+            await relay.kv_sent({"peer": "prefill", "kv_bytes_sent": 0})  # no decode worker left: nothing moves
+            await self._finish_here(data, prompt[-1], sampling, relay)
+            attempts.append({"peer": "prefill", "status": "done"})
+        await front.send_message({"type": "done", "id": request_id, "tokens": relay.sent, "attempts": attempts,
+                                  "finish_reason": self._finish_reason(relay, sampling)})  # fmt: skip
+
+    def _decide(self, request: dict[str, Any], kv_bytes: int) -> Decision:
+        control = request.get("control") or {}
+        forced = control.get("compression", "auto")
+        context = RequestContext(kv_bytes=kv_bytes, slo_s=_limit(control.get("slo_s")),
+                                 max_ppl_increase=_limit(control.get("max_ppl_increase")),
+                                 max_retrieval_drop=_limit(control.get("max_retrieval_drop")),
+                                 workload=str(control.get("workload", "default")))  # fmt: skip
+        decision = self.controller.choose(context)
+        if forced in ("auto", decision.choice):
+            return decision
+        return _forced(decision, forced, self.controller)
+
+    def _ranked_peers(self) -> list[Peer]:
+        return sorted(self.peers, key=lambda p: (p.failures > 0, p.in_flight))
+
+    async def _transfer(self, peer: Peer, request_id: Any, data, last_token: int, sampling: SamplingParams,
+                        config: dict[str, Any], decision: Decision, relay: _Relay) -> dict[str, Any]:  # fmt: skip
+        """One attempt on one decode worker; returns how it ended (``status``: done, bad_kv, failed)."""
+        peer.in_flight += 1
+        outcome: dict[str, Any] = {"peer": peer.address, "pipeline": config}
+        try:
+            conn = await self.connect(peer.host, peer.port)
+            try:
+                await conn.send_message({"type": "continue", "id": request_id, "last_token": last_token,
+                                         "sampling": sampling.to_dict(), "skip": relay.sent})  # fmt: skip
+                began = time.perf_counter()
+                stats = await conn.send_kv(request_id, Pipeline.from_config(config).encode_stream(data))
+                reply = await conn.recv_message()
+                if reply.get("type") == "error":
+                    outcome.update(status="bad_kv" if reply.get("code") == "bad_kv" else "failed", error=reply.get("message"))
+                    return outcome
+                latency = time.perf_counter() - began
+                # The receiver's wire time: the sender's writes return once the socket buffer
+                # takes the bytes, well before a shaped link has carried them.
+                sent, wire_s = stats.wire_bytes, (reply.get("stats") or {}).get("wire_s", stats.wire_s)
+                if config is not RAW_PIPELINE or decision.is_raw:
+                    self.controller.observe(decision, observed_latency=latency, bytes_sent=sent, transfer_time=wire_s)
+                outcome.update(kv_latency_s=latency, kv_bytes_sent=sent, wire_s=wire_s, decode_kv_s=reply.get("seconds"))
+                await relay.kv_sent(outcome)
+                while True:
+                    message = await conn.recv_message()
+                    if message.get("type") == "token":
+                        await relay.send(int(message["token"]), int(message["index"]))
+                    elif message.get("type") == "done":
+                        outcome["status"] = "done"
+                        peer.failures = 0
+                        return outcome
+                    else:
+                        outcome.update(status="failed", error=message.get("message"))
+                        return outcome
+            finally:
+                await conn.close()
+        except PeerError as exc:
+            # The decode worker found the transfer damaged (a frame or a layer failing its
+            # checksum): the worker is fine, the bytes were not; resend them raw.
+            damaged = exc.code in DAMAGED
+            peer.failures += 0 if damaged else 1
+            log.warning("decode worker %s refused request %s: %s", peer.address, request_id, exc)
+            outcome.update(status="bad_kv" if damaged else "failed", error=str(exc))
+            return outcome
+        except (OSError, asyncio.TimeoutError, TensorwireError) as exc:
+            peer.failures += 1
+            log.warning("decode worker %s failed on request %s: %s: %s", peer.address, request_id, type(exc).__name__, exc)
+            outcome.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            return outcome
+        finally:
+            peer.in_flight -= 1
+
+    async def _finish_here(self, data, last_token: int, sampling: SamplingParams, relay: _Relay) -> None:
+        loop = asyncio.get_running_loop()
+        tokens = self.engine.generate(data, last_token, sampling)
+        index = 0
+        while (token := await loop.run_in_executor(None, next, tokens, None)) is not None:
+            if index >= relay.sent:
+                await relay.send(token, index)
+            index += 1
+
+    def _finish_reason(self, relay: _Relay, sampling: SamplingParams) -> str:
+        return "length" if relay.sent >= sampling.max_tokens and relay.last not in self._stops(sampling) else "stop"
+
+    def _stops(self, sampling: SamplingParams) -> set[int]:
+        return {*sampling.stop_token_ids, self.engine.eos_token_id}
+
+
+class _Relay:
+    """Forwards to the front end, in order: the transfer's outcome once, then each token index once."""
+
+    def __init__(self, front: Connection, request_id: Any, decision: Decision, kv_bytes_raw: int, prefill_s: float):
+        self.front = front
+        self.request_id = request_id
+        self.decision = decision
+        self.kv_bytes_raw = kv_bytes_raw
+        self.prefill_s = prefill_s
+        self.told = False
+        self.sent = 0
+        self.last: int | None = None
+
+    async def kv_sent(self, outcome: dict[str, Any]) -> None:
+        if self.told:
+            return  # a retry after tokens went out: the front end already has the first outcome
+        self.told = True
+        timings = {"prefill_s": self.prefill_s, **{k: outcome[k] for k in ("kv_latency_s", "wire_s", "decode_kv_s")
+                                                   if outcome.get(k) is not None}}  # fmt: skip
+        await self.front.send_message({"type": "kv_sent", "id": self.request_id, "decision": _json_safe(self.decision.to_dict()),
+                                       "kv_bytes_raw": self.kv_bytes_raw, "kv_bytes_sent": outcome.get("kv_bytes_sent"),
+                                       "decode_worker": outcome.get("peer"), "timings": timings})  # fmt: skip
+
+    async def send(self, token: int, index: int) -> None:
+        if index != self.sent:
+            return  # a retried worker recomputed a token that was already relayed
+        await self.front.send_message({"type": "token", "id": self.request_id, "index": index, "token": token})
+        self.sent += 1
+        self.last = token
+
+
+def _forced(decision: Decision, name: str, controller: Controller) -> Decision:
+    """``decision`` with the choice the request forces (raw or a profile among its candidates).
+
+    The candidates keep the controller's predictions, so ``observe`` learns from a forced
+    transfer like from any other.
+    """
+    if name != RAW and decision.candidate(name) is None:
+        raise ValueError(f"compression {name!r} is not a candidate for this request (unknown, or outside its quality "
+                         f"budget); candidates: {', '.join(c.name for c in decision.candidates)}")  # fmt: skip
+    profile = None if name == RAW else controller.library[name]
+    return dataclasses.replace(decision, choice=name, profile=profile,
+                               reason=f"forced by the request; the controller would pick {decision.choice}: {decision.reason}")
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None (JSON has no inf or NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _limit(value: Any) -> float:
+    """A bound from the wire: None (JSON for "none") is no bound."""
+    return math.inf if value is None else float(value)
