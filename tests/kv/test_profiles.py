@@ -231,3 +231,15 @@ def test_nan_in_file_is_rejected_at_load():
     text = json.dumps(library_dict()).replace('"ratio": 6.8', '"ratio": NaN')
     with pytest.raises(BadMeasurement, match="finite"):
         ProfileLibrary.loads(text)
+
+
+def test_a_size_model_makes_short_caches_compress_less():
+    base = Profile("p", {"stages": [{"id": "uniform", "bits": 4}]}, ratio=4.0, ppl_increase=0.0, retrieval_drop=0.0,
+                   encode_bps=1e9, decode_bps=1e9)  # fmt: skip
+    assert base.payload_bytes(4e6) == 1e6 and base.ratio_at(4e6) == 4.0
+    fitted = Profile(**{**{f: getattr(base, f) for f in ("name", "pipeline", "ratio", "ppl_increase", "retrieval_drop",
+                                                          "encode_bps", "decode_bps")},
+                        "extra": {"size_model": {"fixed_bytes": 5e5, "ratio": 5.0}}})  # fmt: skip
+    assert fitted.payload_bytes(5e6) == 5e5 + 1e6
+    assert fitted.ratio_at(1e6) < 2.0 < fitted.ratio_at(1e8) < 5.0
+    assert fitted.payload_bytes(0) == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tensorwire.data import SMOLLM2_LIBRARY as KV_LIBRARY
+from tensorwire.kv import Pipeline
 from tensorwire.kv.profiles import ProfileLibrary
 from tensorwire.serve.calibration import calibrate
 from tensorwire.testing.strategies import kv_cache_data
@@ -20,6 +21,11 @@ def test_calibration_replaces_speeds_and_keeps_the_offline_measurements(tmp_path
         assert after.encode_bps > 0 and after.decode_bps > 0
         assert after.extra["offline"] == {"encode_bps": before.encode_bps, "decode_bps": before.decode_bps}
         assert after.extra["calibrated"]["tokens"] == 96
+        size = after.extra["size_model"]
+        assert size["tokens"] == [48, 96] and size["ratio"] > 0
+        kv = cache.nbytes(2)
+        # the fitted model reproduces the two measured sizes it was fitted on
+        assert abs(after.payload_bytes(kv) - len(Pipeline.from_config(after.pipeline).encode(cache))) <= 1
     calibrated.save(tmp_path / "calibrated.json")
     again = ProfileLibrary.load(tmp_path / "calibrated.json")
     assert [p.encode_bps for p in again] == [p.encode_bps for p in calibrated]

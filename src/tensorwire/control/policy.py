@@ -100,7 +100,7 @@ class BasePolicy(Policy):
         if arm == RAW:
             return float(raw_latency(kv_bytes, bandwidth, self.overhead_s))
         p = self.profiles[arm]
-        return float(latency(self.latency_model, kv_bytes, p.ratio, p.encode_rate, p.decode_rate, bandwidth,
+        return float(latency(self.latency_model, kv_bytes, p.ratio_at(kv_bytes), p.encode_rate, p.decode_rate, bandwidth,
                              self._layers(), self.overhead_s))  # fmt: skip
 
     def break_even(self, arm: str) -> float:
@@ -221,7 +221,7 @@ class BasePolicy(Policy):
         upper = t * upper_residual
         return Candidate(
             name=arm,
-            ratio=p.ratio if p else 1.0,
+            ratio=p.ratio_at(kv) if p else 1.0,
             ppl_increase=p.ppl_increase if p else 0.0,
             retrieval_drop=p.retrieval_drop if p else 0.0,
             model_latency=t,

@@ -240,6 +240,24 @@ class Profile:
         """Decode throughput when serving: ``decode_bps * threads`` (bytes/s, linear scaling)."""
         return self.decode_bps * self.threads
 
+    def payload_bytes(self, kv_bytes: float) -> float:
+        """Bytes on the wire for a cache of ``kv_bytes`` (in the library's dtype).
+
+        ``kv_bytes / ratio``, unless the profile carries a size model measured at two cache
+        sizes (``extra["size_model"]``, written by a worker's calibration): then a fixed
+        part (header, tokens some stages keep at full precision, such as KIVI's residual
+        window) plus ``kv_bytes / size_model["ratio"]``. Short prompts compress less.
+        """
+        model = self.extra.get("size_model")
+        if model:
+            return max(1.0, model["fixed_bytes"] + kv_bytes / model["ratio"]) if kv_bytes > 0 else 0.0
+        return kv_bytes / self.ratio
+
+    def ratio_at(self, kv_bytes: float) -> float:
+        """The compression ratio for a cache of ``kv_bytes`` (see :meth:`payload_bytes`)."""
+        sent = self.payload_bytes(kv_bytes)
+        return kv_bytes / sent if sent > 0 else self.ratio
+
     def meets(self, max_ppl_increase: float = math.inf, max_retrieval_drop: float = math.inf) -> bool:
         """Whether this profile's quality loss is within both budgets."""
         return self.ppl_increase <= max_ppl_increase and self.retrieval_drop <= max_retrieval_drop

@@ -54,17 +54,24 @@ def test_raw_and_compressed_requests_match_local_generation(cluster, engine):
     ids = engine.tokenizer(PROMPT + QUESTION).input_ids
     sampling = SamplingParams(max_tokens=8, temperature=0)
     local = list(engine.generate(engine.prefill(ids), ids[-1], sampling))
-    for compression in ("raw", "uniform:bits=8/raw", "auto"):
+    for compression in ("raw", "uniform:bits=8/raw"):
         events = _run(backend, ids, sampling, compression, request_id=f"match-{compression}")
         prefilled = next(e for e in events if isinstance(e, Prefilled))
         assert isinstance(events[-1], Finished)
-        assert prefilled.kv_bytes_raw > 0 and prefilled.kv_bytes_sent > 0
-        if compression != "auto":
-            assert prefilled.profile == compression
-        tokens = _tokens(events)
+        assert prefilled.profile == compression and prefilled.kv_bytes_raw > 0 and prefilled.kv_bytes_sent > 0
         # bf16 (raw) and 8-bit codes change the cache by ~1e-3: the greedy answer holds on this prompt.
+        tokens = _tokens(events)
         assert tokens == local, (compression, engine.tokenizer.decode(tokens), engine.tokenizer.decode(local))
     assert cluster.shaper in ("tbf", "token-bucket")
+
+
+def test_the_controller_compresses_on_a_slow_link_and_the_answer_keeps_the_fact(cluster, engine):
+    ids = engine.tokenizer(PROMPT + QUESTION).input_ids
+    events = _run(cluster.backend(engine.tokenizer), ids, SamplingParams(max_tokens=12, temperature=0), "auto", "auto")
+    prefilled = next(e for e in events if isinstance(e, Prefilled))
+    assert prefilled.profile != "raw", prefilled.decision["reason"]
+    assert prefilled.kv_bytes_sent < prefilled.kv_bytes_raw / 1.5
+    assert "Ada" in engine.tokenizer.decode(_tokens(events))
 
 
 def test_compression_moves_fewer_bytes(cluster, engine):
