@@ -83,6 +83,19 @@ def test_random_caches_arrive_bit_for_bit(cache):
     run(body())
 
 
+def test_send_cache_selects_in_a_thread_and_arrives_bit_for_bit():
+    pipe = Pipeline.from_config({"stages": [{"id": "key_norm", "keep_fraction": 0.5}, {"id": "zstd"}]})
+    cache = kv_cache_data(3, 1, 2, 50, 32, seed=9)
+
+    async def body():
+        async with tcp_pair() as (client, server):
+            sent, (got, _) = await asyncio.gather(client.send_cache("r", pipe, cache), server.recv_kv())
+            assert same(got, Pipeline.decode_data(pipe.encode(cache)))
+            assert len(sent.encode_intervals) == cache.n_layers + 1 and sent.total_s >= sent.encode_s - 1e-6
+
+    run(body())
+
+
 def test_overlap_is_measured_on_both_sides():
     """Over a 50 Mbit/s link, layer i+1 is encoded while layer i is on the wire, and layer i is
     decoded while layer i+1 arrives."""
