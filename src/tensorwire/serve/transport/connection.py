@@ -165,8 +165,9 @@ class Connection:
         sender sees it here between two frames, without reading anything else.
         """
         stream = self._stream
-        staged = stream.staged
-        if len(staged) >= P.HEADER_SIZE and not self.recv_lock.locked():
+        if len(stream.staged) >= P.HEADER_SIZE and not self.recv_lock.locked():
+            # a copy: a view kept alive by a traceback would stop the staging buffer from growing
+            staged = bytes(stream.staged[: P.HEADER_SIZE + P.CONTROL_MAX_FRAME])
             try:
                 head = P.parse_header(staged[: P.HEADER_SIZE], P.CONTROL_MAX_FRAME)
                 if head.type is P.FrameType.ERROR and len(staged) >= P.HEADER_SIZE + head.length:
