@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import socket
 import subprocess
 import time
@@ -283,8 +284,9 @@ def test_namespaces_left_by_a_killed_run_are_cleaned_up():
     subprocess.run(["ip", "netns", "add", stale], check=True)
     try:
         with Netns() as mine:
-            removed = cleanup_stale_namespaces()
-            assert stale in removed and mine.name not in removed and mine.name in namespaces()
+            # prefixes keep the test to its own namespaces: other runs on this machine are left alone
+            assert cleanup_stale_namespaces(prefix=f"tw-{os.getpid()}-") == [] and mine.name in namespaces()
+            assert cleanup_stale_namespaces(prefix=f"tw-{dead.pid}-") == [stale]
         assert stale not in namespaces()
     finally:
         subprocess.run(["ip", "netns", "delete", stale], capture_output=True)

@@ -23,6 +23,7 @@ from tensorwire.errors import (
     PeerError,
     ProtocolError,
     SecretError,
+    ShapeMismatch,
     TransportTimeout,
     UnknownFrameType,
     UnsupportedProtocolVersion,
@@ -79,6 +80,19 @@ def test_random_caches_arrive_bit_for_bit(cache):
             stream = KIVI.encode_stream(cache)
             _, (got, _) = await asyncio.gather(client.send_kv("r", stream), server.recv_kv())
             assert same(got, Pipeline.decode_data(KIVI.encode(cache)))
+
+    run(body())
+
+
+def test_send_cache_selects_in_a_thread_and_arrives_bit_for_bit():
+    pipe = Pipeline.from_config({"stages": [{"id": "key_norm", "keep_fraction": 0.5}, {"id": "zstd"}]})
+    cache = kv_cache_data(3, 1, 2, 50, 32, seed=9)
+
+    async def body():
+        async with tcp_pair() as (client, server):
+            sent, (got, _) = await asyncio.gather(client.send_cache("r", pipe, cache), server.recv_kv())
+            assert same(got, Pipeline.decode_data(pipe.encode(cache)))
+            assert len(sent.encode_intervals) == cache.n_layers + 1 and sent.total_s >= sent.encode_s - 1e-6
 
     run(body())
 
@@ -425,6 +439,24 @@ def test_the_receivers_max_frame_binds_the_sender():
                 await sending
             await server.send_message({"type": "still here"})
             assert (await client.recv_message())["type"] == "still here"
+
+    run(body())
+
+
+def test_the_sender_learns_why_the_receiver_refused():
+    """The receiver refuses the cache after its header; the sender, between two layers, reads the ERROR."""
+    cache = kv_cache_data(8, 1, 2, 256, 64)  # 8 x 256 KiB raw: 1.7 s at 10 Mbit/s
+
+    async def body():
+        async with tcp_pair(shaper=TokenBucket(gbit(0.01))) as (client, server):
+            receiving = asyncio.ensure_future(server.recv_kv(expect={"head_dim": 128}))
+            started = time.monotonic()
+            with pytest.raises(PeerError) as told:
+                await client.send_kv("r", RAW.encode_stream(cache))
+            assert told.value.code == "shape-mismatch" and told.value.fatal and "head_dim=64" in str(told.value)
+            assert time.monotonic() - started < 1.0 and client.closed
+            with pytest.raises(ShapeMismatch):
+                await receiving
 
     run(body())
 

@@ -29,6 +29,7 @@ from ...errors import (
     TransportTimeout,
 )
 from .. import protocol as P
+from . import kvstream
 from .shaping import TokenBucket
 from .stream import StreamProtocol
 
@@ -164,8 +165,9 @@ class Connection:
         sender sees it here between two frames, without reading anything else.
         """
         stream = self._stream
-        staged = stream.staged
-        if len(staged) >= P.HEADER_SIZE and not self.recv_lock.locked():
+        if len(stream.staged) >= P.HEADER_SIZE and not self.recv_lock.locked():
+            # a copy: a view kept alive by a traceback would stop the staging buffer from growing
+            staged = bytes(stream.staged[: P.HEADER_SIZE + P.CONTROL_MAX_FRAME])
             try:
                 head = P.parse_header(staged[: P.HEADER_SIZE], P.CONTROL_MAX_FRAME)
                 if head.type is P.FrameType.ERROR and len(staged) >= P.HEADER_SIZE + head.length:
@@ -283,9 +285,22 @@ class Connection:
 
         Layer ``i + 1`` is encoded in a worker thread while layer ``i`` is on the wire.
         """
-        from .kvstream import send_kv
+        return await kvstream.send_kv(self, request_id, stream)
 
-        return await send_kv(self, request_id, stream)
+    async def send_cache(self, request_id: str, pipeline: Any, cache: Any, observations: Any = None):
+        """Encode ``cache`` with ``pipeline`` and send it; returns :class:`~.stats.TransferStats`.
+
+        Like ``send_kv(request_id, pipeline.encode_stream(cache, observations))``, but the
+        token selection that ``encode_stream`` runs at once (attention scoring for SnapKV)
+        runs in a worker thread too, so the event loop keeps serving other connections;
+        its time counts as encoding.
+        """
+        t0 = time.perf_counter()
+        stream = await asyncio.get_running_loop().run_in_executor(None, pipeline.encode_stream, cache, observations)
+        selected = (t0, time.perf_counter())
+        stats = await kvstream.send_kv(self, request_id, stream)
+        stats.encode_intervals.insert(0, selected)
+        return stats.finish(t0, time.perf_counter())
 
     async def recv_kv(self, expect: dict[str, int] | None = None, *, request_id: str | None = None,
                       timeout: float | None = None):  # fmt: skip
@@ -295,9 +310,7 @@ class Connection:
         (e.g. ``{"n_layers": 30, "kv_heads": 3, "head_dim": 64}``) refuses a cache of another
         model; ``request_id`` refuses a transfer of another request.
         """
-        from .kvstream import recv_kv
-
-        return await recv_kv(self, expect, request_id=request_id, timeout=timeout)
+        return await kvstream.recv_kv(self, expect, request_id=request_id, timeout=timeout)
 
     # -- closing -------------------------------------------------------------------------------
     async def fail(self, exc: BaseException, code: str | None = None, request_id: str | None = None) -> None:
