@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from tensorwire.data import SAMPLE_TEXT
+from tensorwire.demo import KV_QUESTION
 from tensorwire.errors import AuthenticationFailed
 from tensorwire.serve.cluster import Cluster, ClusterConfig
 from tensorwire.serve.engine import Engine, SamplingParams
@@ -66,17 +68,17 @@ def test_raw_and_compressed_requests_match_local_generation(cluster, engine):
 
 
 def test_the_controller_compresses_on_a_slow_link_and_the_answer_keeps_the_fact(cluster, engine):
-    ids = engine.tokenizer(PROMPT + QUESTION).input_ids
+    ids = engine.tokenizer(SAMPLE_TEXT.read_text() + KV_QUESTION).input_ids
     events = _run(cluster.backend(engine.tokenizer), ids, SamplingParams(max_tokens=12, temperature=0), "auto", "auto")
     prefilled = next(e for e in events if isinstance(e, Prefilled))
     assert prefilled.profile != "raw", prefilled.decision["reason"]
     assert prefilled.kv_bytes_sent < prefilled.kv_bytes_raw / 1.5
-    assert "Ada" in engine.tokenizer.decode(_tokens(events))
+    assert "Elias Wren" in engine.tokenizer.decode(_tokens(events))
 
 
 def test_compression_moves_fewer_bytes(cluster, engine):
     backend = cluster.backend(engine.tokenizer)
-    ids = engine.tokenizer(PROMPT).input_ids
+    ids = engine.tokenizer(SAMPLE_TEXT.read_text()).input_ids  # long enough that KIVI's residual window is small
     sampling = SamplingParams(max_tokens=2, temperature=0)
     raw = next(e for e in _run(backend, ids, sampling, "raw", "bytes-raw") if isinstance(e, Prefilled))
     packed = next(e for e in _run(backend, ids, sampling, "kivi:k_bits=6,v_bits=4,residual=32/raw", "bytes-kivi")

@@ -61,8 +61,10 @@ class DecodeWorker:
                 await conn.send_message({"type": "error", "id": request_id, "code": "bad_kv",
                                          "message": f"{type(exc).__name__}: {exc}"})  # fmt: skip
                 return
+            spans = stats.wire_intervals
             await conn.send_message({"type": "kv_received", "id": request_id, "seconds": time.perf_counter() - began,
-                                     "stats": _plain(stats)})  # fmt: skip
+                                     "wire_span_s": spans[-1][1] - spans[0][0] if spans else 0.0,
+                                     "stats": stats.to_dict()})  # fmt: skip
             await self._generate(conn, request_id, data, int(message["last_token"]), sampling, skip)
             self.served += 1
         except (TensorwireError, KeyError, TypeError, ValueError) as exc:
@@ -87,17 +89,6 @@ class DecodeWorker:
             index += 1
         await conn.send_message({"type": "done", "id": request_id, "tokens": index,
                                  "generate_s": time.perf_counter() - began})  # fmt: skip
-
-
-def _plain(stats: Any) -> dict[str, Any]:
-    """Transfer stats as JSON-ready numbers (a dataclass or a dict)."""
-    if hasattr(stats, "to_dict"):
-        return stats.to_dict()
-    if hasattr(stats, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(stats)
-    return dict(stats)
 
 
 async def _try_send(conn: Connection, message: dict[str, Any]) -> None:

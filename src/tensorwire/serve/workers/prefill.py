@@ -169,9 +169,10 @@ class PrefillWorker:
                     outcome.update(status="bad_kv" if reply.get("code") == "bad_kv" else "failed", error=reply.get("message"))
                     return outcome
                 latency = time.perf_counter() - began
-                # The receiver's wire time: the sender's writes return once the socket buffer
-                # takes the bytes, well before a shaped link has carried them.
-                sent, wire_s = stats.wire_bytes, (reply.get("stats") or {}).get("wire_s", stats.wire_s)
+                # The link speed is learned from the receiver's first-to-last byte: the
+                # sender's writes return once the socket buffer takes the bytes, and the
+                # receiver's per-frame reads are short when the kernel already holds a frame.
+                sent, wire_s = stats.wire_bytes, reply.get("wire_span_s") or stats.wire_s
                 if config is not RAW_PIPELINE or decision.is_raw:
                     self.controller.observe(decision, observed_latency=latency, bytes_sent=sent, transfer_time=wire_s)
                 outcome.update(kv_latency_s=latency, kv_bytes_sent=sent, wire_s=wire_s, decode_kv_s=reply.get("seconds"))
