@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -90,17 +91,19 @@ def run_serving_demo(console, library: Path, gbps: float = DEMO_GBPS, slo_ms: fl
     from .serve.engine import Engine, SamplingParams
     from .serve.http import BackgroundServer, ServerDefaults, create_app
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     profiles = ProfileLibrary.load(library)
     prompt = SAMPLE_TEXT.read_text() + KV_QUESTION
-    console.print(f"[bold]1. serving[/]: starting a prefill and a decode worker (SmolLM2-135M-Instruct, one process "
-                  f"each) on a {gbps:g} Gbit/s link ...")  # fmt: skip
+    console.print(f"[bold]1. serving[/]: a prefill and a decode worker, one process each, on a {gbps:g} Gbit/s link")
     started = time.perf_counter()
     with Cluster(ClusterConfig(decode_workers=1, gbps=gbps, shaper=shaper, library=str(library))) as cluster:
         engine = Engine.load()
         app = create_app(cluster.backend(engine.tokenizer, profiles=profiles.names), model_name=SMOLLM2_NAME,
                          max_context=engine.max_context, defaults=ServerDefaults(slo_ms=slo_ms, **DEMO_BUDGET))  # fmt: skip
         with BackgroundServer(app) as server:
-            console.print(f"   ready in {time.perf_counter() - started:.0f} s: link shaped by {cluster.shaper}, "
+            console.print(f"   ready in {time.perf_counter() - started:.0f} s; link shaped by {cluster.shaper}; "
                           f"API at {server.url}/v1")  # fmt: skip
             ids = engine.tokenizer(prompt).input_ids
             sampling = SamplingParams(max_tokens=DEMO_ANSWER_TOKENS, temperature=0)
@@ -113,22 +116,23 @@ def run_serving_demo(console, library: Path, gbps: float = DEMO_GBPS, slo_ms: fl
                                                   temperature=0, extra_body={"tensorwire": {"compression": mode}})  # fmt: skip
                 info = reply.model_extra["tensorwire"]
                 rows.append((mode, info, reply.choices[0].text))
-    console.print(f"[bold]2. requests[/]: {len(ids)}-token prompt (the sample text and a question), "
-                  f"{DEMO_ANSWER_TOKENS} answer tokens, SLO {slo_ms:g} ms for the KV cache, budget +1% "
-                  "perplexity, -2 retrieval points")  # fmt: skip
-    console.print(f"   {'request':<8}{'KV sent as':<22}{'on the wire':>12}{'TTFT':>9}{'JCT':>9}  same answer")
+    console.print(f"[bold]2. requests[/]: SmolLM2-135M-Instruct, {len(ids)}-token prompt, {DEMO_ANSWER_TOKENS} "
+                  f"answer tokens;\n   SLO {slo_ms:g} ms to move the KV cache; budget +1% perplexity, -2 points")  # fmt: skip
+    console.print(f"   {'request':<8}{'KV sent as':<13}{'on wire':>9}{'KV move':>9}{'TTFT':>8}{'JCT':>8}  same as local")
     ok = True
     for mode, info, text in rows:
         same = text == local
         ok = ok and same
-        console.print(f"   {mode:<8}{_label(info['profile']):<22}{_mb(info['kv_bytes_sent']):>12}"
-                      f"{info['ttft_s']:>8.2f}s{info['jct_s']:>8.2f}s  {'yes' if same else 'NO'}")  # fmt: skip
-    auto = rows[-1][1]
-    raw = rows[1][1]
-    console.print(f"[bold]3. controller[/] chose {auto['profile']}: {auto['reason']}", highlight=False)
-    console.print(f"   TTFT {raw['ttft_s'] / auto['ttft_s']:.2f}x faster than raw; answer: {local.strip()!r}")
-    ok = ok and auto["profile"] not in (None, "raw")
-    return ok
+        console.print(f"   {mode:<8}{_label(info['profile']):<13}{_mb(info['kv_bytes_sent']):>9}"
+                      f"{info['timings'].get('kv_latency_s', 0.0):>8.2f}s{info['ttft_s']:>7.2f}s{info['jct_s']:>7.2f}s"
+                      f"  {'yes' if same else 'NO'}")  # fmt: skip
+    auto, raw = rows[-1][1], rows[1][1]
+    reason = textwrap.fill(f"{auto['reason']}", width=77, initial_indent="   ", subsequent_indent="   ")
+    console.print(f"[bold]3. controller[/]: {auto['profile']}\n{reason}", highlight=False)
+    console.print(f"   KV moved {raw['timings']['kv_latency_s'] / auto['timings']['kv_latency_s']:.1f}x faster, "
+                  f"TTFT {raw['ttft_s'] / auto['ttft_s']:.2f}x, JCT {raw['jct_s'] / auto['jct_s']:.2f}x than raw")  # fmt: skip
+    console.print(f"   answer: {local.strip()!r}", highlight=False)
+    return ok and auto["profile"] not in (None, "raw")
 
 
 def run_demo(workdir: Path, level: str = "fast", kv_library: Path | None = KV_LIBRARY, weights: bool = True,
