@@ -29,19 +29,12 @@ from tensorwire.kv.encoders.lz4 import LZ4
 from tensorwire.kv.encoders.raw import Raw
 from tensorwire.kv.encoders.zstd import Zstd
 from tensorwire.kv.stage import ArrayEncoder, BytesEncoder, Plane, Stage, StageConfigError
-from tensorwire.testing.conformance import ArrayEncoderSuite, BytesEncoderSuite
+from tensorwire.testing.conformance import FLOAT_DTYPES, ArrayEncoderSuite, BytesEncoderSuite
 from tensorwire.testing.strategies import awkward_values
 from tensorwire.testing.strategies import kv_tensor as kv_like
 
 ARRAY_ENCODERS = [Raw(), Enec(level="fast"), Enec(level="max"), ANS(), ANS(context="none")]
 BYTES_ENCODERS = [Zstd(), Zstd(level=-5), Zstd(level=19), LZ4(), LZ4(level=9)]
-FLOAT_DTYPES = {
-    "F32": np.dtype(np.float32),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F16": np.dtype(np.float16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
 KV_SHAPES = [(1, 1, 1, 64), (1, 3, 7, 64), (2, 2, 300, 64), (1, 4, 300, 64)]
 LENGTHS = [0, 1, 7, 9, 1000]
 

@@ -113,8 +113,6 @@ def _prefill(args: argparse.Namespace, engine: Engine):
         return await connect(host, port, **options)
 
     peers = [Peer(*_host_port(a)) for a in args.decode]
-    if not peers:
-        raise SystemExit("a prefill worker needs at least one --decode HOST:PORT")
     return PrefillWorker(engine, controller, peers, connect_peer).handle
 
 
@@ -124,7 +122,10 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.role == "prefill" and not args.decode:
+        parser.error("a prefill worker needs at least one --decode HOST:PORT")
     logging.basicConfig(level=os.environ.get("TENSORWIRE_LOG", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s {args.role}[%(process)d] %(levelname)s %(message)s")  # fmt: skip
     engine = Engine.load()
