@@ -123,13 +123,16 @@ class PrefillWorker:
         config = decision.pipeline or RAW_PIPELINE
         relay = _Relay(front, request_id, decision, data.nbytes(2), prefill_s)
         attempts: list[dict[str, Any]] = []
-        for peer in self._ranked_peers():
+        queue = self._ranked_peers()
+        while queue:
+            peer = queue.pop(0)
             outcome = await self._transfer(peer, request_id, data, prompt[-1], sampling, config, decision, relay)
             attempts.append(outcome)
             if outcome["status"] == "done":
                 break
-            if outcome["status"] == "bad_kv":
-                config = RAW_PIPELINE  # the damaged transfer is resent uncompressed
+            if outcome["status"] == "bad_kv" and config is not RAW_PIPELINE:
+                config = RAW_PIPELINE  # the damaged transfer is resent uncompressed, to the same worker first
+                queue.insert(0, peer)
         else:
             await relay.kv_sent({"peer": "prefill", "kv_bytes_sent": 0})  # no decode worker left: nothing moves
             await self._finish_here(data, prompt[-1], sampling, relay)
@@ -173,6 +176,7 @@ class PrefillWorker:
                 # sender's writes return once the socket buffer takes the bytes, and the
                 # receiver's per-frame reads are short when the kernel already holds a frame.
                 sent, wire_s = stats.wire_bytes, reply.get("wire_span_s") or stats.wire_s
+                # A raw resend of a profile's transfer says nothing about that profile's speed.
                 if config is not RAW_PIPELINE or decision.is_raw:
                     self.controller.observe(decision, observed_latency=latency, bytes_sent=sent, transfer_time=wire_s)
                 outcome.update(kv_latency_s=latency, kv_bytes_sent=sent, wire_s=wire_s, decode_kv_s=reply.get("seconds"))
