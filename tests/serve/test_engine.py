@@ -61,3 +61,17 @@ def test_a_one_token_prompt_has_an_empty_cache(engine):
     assert len(list(engine.generate(data, 1, SamplingParams(max_tokens=3, temperature=0)))) >= 1
     with pytest.raises(EvaluationError, match="at least one token"):
         engine.prefill([])
+
+
+def test_a_prefix_of_delivered_tokens_is_continued_not_repeated(engine):
+    ids = engine.tokenizer(PROMPT).input_ids
+    data = engine.prefill(ids)
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    whole = list(engine.generate(data, ids[-1], greedy))
+    assert list(engine.generate(data, ids[-1], greedy, prefix=whole[:3])) == whole[3:]
+    assert list(engine.generate(data, ids[-1], greedy, prefix=whole)) == []
+
+
+def test_a_tiny_temperature_is_greedy():
+    assert SamplingParams(max_tokens=1, temperature=1e-30).greedy
+    assert not SamplingParams(max_tokens=1, temperature=0.01).greedy

@@ -314,6 +314,10 @@ class EncodedStream:
 class StreamDecoder:
     """Decodes a payload that arrives in order: header, bitmap, then one layer at a time.
 
+    ``expect`` maps a cache field (``n_layers``, ``kv_heads``, ...) to the value it must
+    have, or ``max_<field>`` to the most it may be (a receiver bounds ``seq_len`` and
+    ``batch`` so that a small hostile header cannot make it allocate much).
+
     Every part is checked when it arrives: the header fields before any layer
     (:func:`payload.check_stream_header`), each layer's table and checksum before its
     planes are decoded. :meth:`result` refuses a cache that misses layers.
@@ -330,7 +334,11 @@ class StreamDecoder:
         payload.check_stream_header(header)
         cache = header["cache"]
         for key, want in (expect or {}).items():
-            if cache.get(key) != want:
+            if key.startswith("max_"):
+                if cache.get(key[4:], 0) > want:
+                    raise ShapeMismatch(f"the payload's cache has {key[4:]}={cache.get(key[4:])}, this receiver takes "
+                                        f"at most {want}; refused before anything is allocated")  # fmt: skip
+            elif cache.get(key) != want:
                 raise ShapeMismatch(
                     f"the payload is for a cache with {key}={cache.get(key)}, this receiver expects {want}; "
                     "it was made for another model"

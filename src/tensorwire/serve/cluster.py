@@ -102,11 +102,15 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log.close()
+        self.proc.stdout.close()
         return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it exited between poll() and here
+                pass
             self.proc.wait()
 
 
@@ -153,8 +157,8 @@ class Cluster:
             common = [sys.executable, "-m", "tensorwire.serve.workers"]
             shared = ["--host", c.host, "--secret-file", str(self.secret_file)]
             shared += ["--netns", self.netns.name] if self.netns is not None else []
-            self.decode = [WorkerProcess("decode", [*common, "decode", *shared], env, self.log_dir)
-                           for _ in range(c.decode_workers)]  # fmt: skip
+            for _ in range(c.decode_workers):  # one by one: a failed start still leaves the others to stop
+                self.decode.append(WorkerProcess("decode", [*common, "decode", *shared], env, self.log_dir))
             for worker in self.decode:  # they load the model side by side
                 worker.wait_ready(c.start_timeout_s)
             argv = [*common, "prefill", *shared, "--port", str(c.prefill_port), *shaping]
@@ -181,14 +185,18 @@ class Cluster:
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
         """Stop every process (prefill first, so nothing new reaches the decode workers) and the link."""
         codes: dict[str, int | None] = {}
-        if self.prefill is not None:
-            codes["prefill"] = self.prefill.stop(timeout)
-        for i, worker in enumerate(self.decode):
-            codes[f"decode-{i}"] = worker.stop(timeout)
-        if self.netns is not None:
-            self.netns.close()
-            self.netns = None
-        self._tmp.cleanup()
+        try:
+            if self.prefill is not None:
+                codes["prefill"] = self.prefill.stop(timeout)
+            for i, worker in enumerate(self.decode):
+                codes[f"decode-{i}"] = worker.stop(timeout)
+        finally:
+            try:
+                if self.netns is not None:
+                    self.netns.close()
+                    self.netns = None
+            finally:
+                self._tmp.cleanup()
         return codes
 
     def __enter__(self) -> Cluster:

@@ -34,6 +34,8 @@ from ..models import SMOLLM2_NAME, load_smollm2
 
 __all__ = ["Engine", "SamplingParams", "sample_token"]
 
+GREEDY_BELOW = 1e-6  # temperatures below this sample greedily
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -66,7 +68,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_p == 0.0
+        # Below 1e-6, logits / temperature overflows float32 to inf: that is argmax anyway.
+        return self.temperature < GREEDY_BELOW or self.top_p == 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -125,8 +128,10 @@ class Engine:
 
     @property
     def expect(self) -> dict[str, int]:
-        """The cache shape a payload for this model must have (``Pipeline.decode_data(expect=...)``)."""
-        return {k: self.shape[k] for k in ("n_layers", "kv_heads", "head_dim")}
+        """The cache a payload for this model may hold (``Pipeline.decode_data(expect=...)``): its
+        shape, one sequence, at most the model's context."""
+        return {**{k: self.shape[k] for k in ("n_layers", "kv_heads", "head_dim")}, "max_batch": 1,
+                "max_seq_len": self.max_context}  # fmt: skip
 
     def prefill(self, prompt_ids: Sequence[int], observe_window: int = 0) -> KVCacheData:
         """The cache of ``prompt_ids[:-1]`` (and its last queries, for SnapKV-style selectors).
@@ -141,12 +146,16 @@ class Engine:
             cache, observations = hf.prefill(self.model, list(prompt_ids[:-1]), observe_window=observe_window)
             return hf.cache_to_data(cache, observations)
 
-    def generate(self, data: KVCacheData, last_token: int, sampling: SamplingParams) -> Iterator[int]:
+    def generate(self, data: KVCacheData, last_token: int, sampling: SamplingParams,
+                 prefix: Sequence[int] = ()) -> Iterator[int]:  # fmt: skip
         """New tokens after ``data`` (a cache, possibly evicted or quantized) and ``last_token``.
 
-        Stops after ``sampling.max_tokens``, or after an end-of-sequence or stop token
-        (which is yielded too, so the caller can tell why it stopped). Each step takes
-        the model lock, so requests in several threads interleave token by token.
+        ``prefix`` holds tokens already delivered for this request (by a worker that then
+        failed): they are fed after ``last_token`` and not yielded again, so the rest of
+        the answer continues what the client has. Stops after ``sampling.max_tokens`` in
+        all, or after an end-of-sequence or stop token (which is yielded too, so the
+        caller can tell why it stopped). Each step takes the model lock, so requests in
+        several threads interleave token by token.
         """
         torch = require("torch")
         generator = None
@@ -159,8 +168,10 @@ class Engine:
         stops = {*sampling.stop_token_ids, *([self.eos_token_id] if self.eos_token_id is not None else [])}
         with self._lock:
             cache = hf.data_to_cache(data)
-        feed = [int(last_token)]
-        for step in range(sampling.max_tokens):
+        feed = [int(last_token), *(int(t) for t in prefix)]
+        if prefix and int(prefix[-1]) in stops:
+            return  # the delivered part already ended the answer
+        for _ in range(sampling.max_tokens - len(prefix)):
             with self._lock:
                 logits = hf.forward(self.model, cache, feed).logits[0, -1]
                 if not bool(torch.isfinite(logits).all()):

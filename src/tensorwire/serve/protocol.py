@@ -236,10 +236,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e400: JSON has no infinity, and a receiver must not get one
+        raise ValueError(f"the number {text[:40]} is out of the float range")
+    return value
+
+
 def parse_json(payload: bytes | bytearray | memoryview, what: str) -> dict[str, Any]:
     """The JSON object of a frame payload; anything else is :class:`MalformedFrame`."""
     try:
-        obj = json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedFrame(f"the {what} frame's payload is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -140,6 +140,7 @@ class LocalBackend:
         queue_s = 0.0
         tokens = self.engine.generate(data, request.prompt_token_ids[-1], request.sampling)
         n = 0
+        last = None
         try:
             while True:
                 token, queued = await self._run(next, tokens, None)
@@ -147,10 +148,11 @@ class LocalBackend:
                 if token is None:
                     break
                 n += 1
+                last = token
                 yield Tokens((token,))
         finally:
             tokens.close()  # the request's KV memory goes with it, however the stream ends
-        reason = "length" if n >= request.sampling.max_tokens and token != self._tokenizer.eos_token_id else "stop"
+        reason = "length" if n >= request.sampling.max_tokens and last != self._tokenizer.eos_token_id else "stop"
         yield Finished(reason, {"decode_s": time.perf_counter() - start, "decode_queue_s": queue_s})
 
     # -- model thread -----------------------------------------------------------------------------------

@@ -100,6 +100,11 @@ class Server:
             self._connections.discard(conn)
             await conn.close()
 
+    def stop_accepting(self) -> None:
+        """Stop listening; connections already open go on (a draining worker)."""
+        if self._server is not None:
+            self._server.close()
+
     async def close(self) -> None:
         """Stop listening, close every connection and wait for their tasks to end."""
         if self._server is not None:
@@ -176,6 +181,10 @@ async def connect(host: str = "127.0.0.1", port: int | None = None, *, secret: b
         if sock is not None:
             sock.close()
         raise TransportTimeout(f"no connection to {host}:{port} within {connect_timeout:g} s") from None
+    except BaseException:
+        if sock is not None:
+            sock.close()  # a refused connect (a dead peer) must not leak the namespace's socket
+        raise
     conn = Connection(stream, opts, role="client")
     await client_handshake(conn, secret_bytes)
     return conn

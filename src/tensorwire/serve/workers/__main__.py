@@ -65,7 +65,7 @@ async def _serve(args: argparse.Namespace, handler, on_ready) -> None:
         options["sock"] = Netns(args.netns).listen_socket(args.host, args.port)
     else:
         options.update(host=args.host, port=args.port)
-    server = await start_server(handler, secret=secret, read_timeout=math.inf, **options)
+    server = await start_server(handler, secret=secret, **options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,7 +78,7 @@ async def _serve(args: argparse.Namespace, handler, on_ready) -> None:
 
 async def _drain(server, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    server.stop_accepting() if hasattr(server, "stop_accepting") else None
+    server.stop_accepting()
     while server.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await server.close()

@@ -14,11 +14,12 @@ messages"):
 4. feed the controller what it observed: the latency from the first encode to the decode
    worker's ``kv_received``, the bytes, and the wire time.
 
-Faults: a decode worker that cannot be reached, drops the connection or stalls is
-replaced by the next one; a transfer it rejects as damaged (``bad_kv``) is resent raw;
+Faults: a decode worker that cannot be reached, drops the connection, stalls or fails
+is replaced by the next one; a transfer it refuses as damaged is resent raw, to it first;
 when no decode worker is left, this worker generates the rest itself from its own cache.
-Tokens carry their index and a retried request skips the ones already relayed, with
-seeded sampling giving the same tokens anywhere, so no token is lost or sent twice.
+A retry carries the tokens already relayed as a prefix that the next worker feeds after
+the prompt, so the answer continues what the client has: no token is lost, repeated or
+taken from another generation. A front end that goes away ends the request at once.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ...kv.pipeline import Pipeline
 from ...kv.presets import PRESETS
 from ..engine import Engine, SamplingParams
 from ..transport.tcp import Connection
+from . import try_send
 
 __all__ = ["PrefillWorker", "Peer", "RAW_PIPELINE"]
 
@@ -101,10 +103,12 @@ class PrefillWorker:
             if request.get("type") != "generate":
                 raise ValueError(f"expected a 'generate' or 'health' message, got {request.get('type')!r}")
             await self._serve(front, request)
+        except FrontEndGone:
+            log.info("request %s: the front end went away; the request ends here", request_id)
         except (TensorwireError, KeyError, TypeError, ValueError) as exc:
             log.warning("request %s failed: %s: %s", request_id, type(exc).__name__, exc)
-            await front.send_message({"type": "error", "id": request_id, "code": "bad_request",
-                                      "message": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+            await try_send(front, {"type": "error", "id": request_id, "code": "bad_request",
+                                    "message": f"{type(exc).__name__}: {exc}"})  # fmt: skip
         finally:
             self.in_flight -= 1
 
@@ -137,8 +141,8 @@ class PrefillWorker:
             await relay.kv_sent({"peer": "prefill", "kv_bytes_sent": 0})  # no decode worker left: nothing moves
             await self._finish_here(data, prompt[-1], sampling, relay)
             attempts.append({"peer": "prefill", "status": "done"})
-        await front.send_message({"type": "done", "id": request_id, "tokens": relay.sent, "attempts": attempts,
-                                  "finish_reason": self._finish_reason(relay, sampling)})  # fmt: skip
+        await relay.message({"type": "done", "id": request_id, "tokens": relay.sent, "attempts": attempts,
+                             "finish_reason": self._finish_reason(relay, sampling)})  # fmt: skip
 
     def _decide(self, request: dict[str, Any], kv_bytes: int) -> Decision:
         control = request.get("control") or {}
@@ -164,12 +168,15 @@ class PrefillWorker:
             conn = await self.connect(peer.host, peer.port)
             try:
                 await conn.send_message({"type": "continue", "id": request_id, "last_token": last_token,
-                                         "sampling": sampling.to_dict(), "skip": relay.sent})  # fmt: skip
+                                         "sampling": sampling.to_dict(), "prefix": list(relay.tokens)})  # fmt: skip
                 began = time.perf_counter()
-                stats = await conn.send_kv(request_id, Pipeline.from_config(config).encode_stream(data))
+                # Token selection (SnapKV scores attention) runs in a thread, off the event loop.
+                stream = await asyncio.get_running_loop().run_in_executor(
+                    None, Pipeline.from_config(config).encode_stream, data)
+                stats = await conn.send_kv(request_id, stream)
                 reply = await conn.recv_message()
                 if reply.get("type") == "error":
-                    outcome.update(status="bad_kv" if reply.get("code") == "bad_kv" else "failed", error=reply.get("message"))
+                    outcome.update(status="failed", error=reply.get("message"))
                     return outcome
                 latency = time.perf_counter() - began
                 # The link speed is learned from the receiver's first-to-last byte: the
@@ -184,7 +191,9 @@ class PrefillWorker:
                 while True:
                     message = await conn.recv_message()
                     if message.get("type") == "token":
-                        await relay.send(int(message["token"]), int(message["index"]))
+                        if not await relay.send(message.get("token"), message.get("index")):
+                            outcome.update(status="failed", error=f"a token out of order: {message!r:.200}")
+                            return outcome
                     elif message.get("type") == "done":
                         outcome["status"] = "done"
                         peer.failures = 0
@@ -212,22 +221,24 @@ class PrefillWorker:
 
     async def _finish_here(self, data, last_token: int, sampling: SamplingParams, relay: _Relay) -> None:
         loop = asyncio.get_running_loop()
-        tokens = self.engine.generate(data, last_token, sampling)
-        index = 0
+        tokens = self.engine.generate(data, last_token, sampling, relay.tokens)
         while (token := await loop.run_in_executor(None, next, tokens, None)) is not None:
-            if index >= relay.sent:
-                await relay.send(token, index)
-            index += 1
+            await relay.send(token, relay.sent)
 
     def _finish_reason(self, relay: _Relay, sampling: SamplingParams) -> str:
-        return "length" if relay.sent >= sampling.max_tokens and relay.last not in self._stops(sampling) else "stop"
+        last = relay.tokens[-1] if relay.tokens else None
+        return "length" if relay.sent >= sampling.max_tokens and last not in self._stops(sampling) else "stop"
 
     def _stops(self, sampling: SamplingParams) -> set[int]:
         return {*sampling.stop_token_ids, self.engine.eos_token_id}
 
 
+class FrontEndGone(Exception):
+    """The front end closed its connection: the request ends (not a decode worker's fault)."""
+
+
 class _Relay:
-    """Forwards to the front end, in order: the transfer's outcome once, then each token index once."""
+    """Forwards to the front end, in order: the transfer's outcome once, then each token once."""
 
     def __init__(self, front: Connection, request_id: Any, decision: Decision, kv_bytes_raw: int, prefill_s: float):
         self.front = front
@@ -236,8 +247,17 @@ class _Relay:
         self.kv_bytes_raw = kv_bytes_raw
         self.prefill_s = prefill_s
         self.told = False
-        self.sent = 0
-        self.last: int | None = None
+        self.tokens: list[int] = []
+
+    @property
+    def sent(self) -> int:
+        return len(self.tokens)
+
+    async def message(self, message: dict[str, Any]) -> None:
+        try:
+            await self.front.send_message(_json_safe(message))
+        except (OSError, TensorwireError) as exc:
+            raise FrontEndGone(str(exc)) from exc
 
     async def kv_sent(self, outcome: dict[str, Any]) -> None:
         if self.told:
@@ -245,16 +265,17 @@ class _Relay:
         self.told = True
         timings = {"prefill_s": self.prefill_s, **{k: outcome[k] for k in ("kv_latency_s", "wire_s", "decode_kv_s")
                                                    if outcome.get(k) is not None}}  # fmt: skip
-        await self.front.send_message({"type": "kv_sent", "id": self.request_id, "decision": _json_safe(self.decision.to_dict()),
-                                       "kv_bytes_raw": self.kv_bytes_raw, "kv_bytes_sent": outcome.get("kv_bytes_sent"),
-                                       "decode_worker": outcome.get("peer"), "timings": timings})  # fmt: skip
+        await self.message({"type": "kv_sent", "id": self.request_id, "decision": self.decision.to_dict(),
+                            "kv_bytes_raw": self.kv_bytes_raw, "kv_bytes_sent": outcome.get("kv_bytes_sent"),
+                            "decode_worker": outcome.get("peer"), "timings": timings})  # fmt: skip
 
-    async def send(self, token: int, index: int) -> None:
-        if index != self.sent:
-            return  # a retried worker recomputed a token that was already relayed
-        await self.front.send_message({"type": "token", "id": self.request_id, "index": index, "token": token})
-        self.sent += 1
-        self.last = token
+    async def send(self, token: Any, index: Any) -> bool:
+        """Relay the token at ``index``; False (nothing sent) when it is not the next one."""
+        if isinstance(token, bool) or not isinstance(token, int) or index != self.sent:
+            return False
+        await self.message({"type": "token", "id": self.request_id, "index": index, "token": token})
+        self.tokens.append(token)
+        return True
 
 
 def _forced(decision: Decision, name: str, controller: Controller) -> Decision:
