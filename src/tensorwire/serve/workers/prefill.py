@@ -14,8 +14,9 @@ messages"):
 4. feed the controller what it observed: the latency from the first encode to the decode
    worker's ``kv_received``, the bytes, and the wire time.
 
-Faults: a decode worker that cannot be reached, drops the connection or stalls is
-replaced by the next one; a transfer it rejects as damaged (``bad_kv``) is resent raw;
+Faults: a decode worker that cannot be reached, drops the connection or stalls (nothing
+for the connection's idle timeout: the worker's ``--peer-timeout-s``) is replaced by the
+next one; a transfer it rejects as damaged (``bad_kv``) is resent raw;
 when no decode worker is left, this worker generates the rest itself from its own cache.
 Tokens carry their index and a retried request skips the ones already relayed, with
 seeded sampling giving the same tokens anywhere, so no token is lost or sent twice.
@@ -131,7 +132,7 @@ class PrefillWorker:
             if outcome["status"] == "bad_kv":
                 config = RAW_PIPELINE  # the damaged transfer is resent uncompressed
         else:
-            await relay.kv_sent({"peer": "prefill", "kv_bytes_sent": 0})  # no decode worker left: nothing moves
+            await relay.kv_sent({"peer": "prefill", "kv_bytes_sent": 0}, None)  # no decode worker left: nothing moves
             await self._finish_here(data, prompt[-1], sampling, relay)
             attempts.append({"peer": "prefill", "status": "done"})
         await front.send_message({"type": "done", "id": request_id, "tokens": relay.sent, "attempts": attempts,
@@ -156,6 +157,7 @@ class PrefillWorker:
                         config: dict[str, Any], decision: Decision, relay: _Relay) -> dict[str, Any]:  # fmt: skip
         """One attempt on one decode worker; returns how it ended (``status``: done, bad_kv, failed)."""
         peer.in_flight += 1
+        tried = time.perf_counter()
         outcome: dict[str, Any] = {"peer": peer.address, "pipeline": config}
         try:
             conn = await self.connect(peer.host, peer.port)
@@ -176,7 +178,7 @@ class PrefillWorker:
                 if config is not RAW_PIPELINE or decision.is_raw:
                     self.controller.observe(decision, observed_latency=latency, bytes_sent=sent, transfer_time=wire_s)
                 outcome.update(kv_latency_s=latency, kv_bytes_sent=sent, wire_s=wire_s, decode_kv_s=reply.get("seconds"))
-                await relay.kv_sent(outcome)
+                await relay.kv_sent(outcome, RAW if config is RAW_PIPELINE else decision.choice)
                 while True:
                     message = await conn.recv_message()
                     if message.get("type") == "token":
@@ -205,6 +207,7 @@ class PrefillWorker:
             return outcome
         finally:
             peer.in_flight -= 1
+            outcome["seconds"] = time.perf_counter() - tried
 
     async def _finish_here(self, data, last_token: int, sampling: SamplingParams, relay: _Relay) -> None:
         loop = asyncio.get_running_loop()
@@ -235,13 +238,16 @@ class _Relay:
         self.sent = 0
         self.last: int | None = None
 
-    async def kv_sent(self, outcome: dict[str, Any]) -> None:
+    async def kv_sent(self, outcome: dict[str, Any], profile: str | None) -> None:
+        """``profile``: what the cache went through on the wire ("raw" after a raw resend of a
+        damaged transfer, whatever the decision chose; None when it did not move)."""
         if self.told:
             return  # a retry after tokens went out: the front end already has the first outcome
         self.told = True
         timings = {"prefill_s": self.prefill_s, **{k: outcome[k] for k in ("kv_latency_s", "wire_s", "decode_kv_s")
                                                    if outcome.get(k) is not None}}  # fmt: skip
-        await self.front.send_message({"type": "kv_sent", "id": self.request_id, "decision": _json_safe(self.decision.to_dict()),
+        await self.front.send_message({"type": "kv_sent", "id": self.request_id, "profile": profile,
+                                       "decision": _json_safe(self.decision.to_dict()),
                                        "kv_bytes_raw": self.kv_bytes_raw, "kv_bytes_sent": outcome.get("kv_bytes_sent"),
                                        "decode_worker": outcome.get("peer"), "timings": timings})  # fmt: skip
 
