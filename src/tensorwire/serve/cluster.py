@@ -6,7 +6,10 @@ port). The link between them is shaped by the kernel (a network namespace whose 
 has a ``tc tbf`` qdisc; the KV sockets of both workers are made in it) where that is
 allowed, else by the prefill worker's sender-side token bucket (see docs/PROTOCOL.md,
 "Link emulation"). :meth:`Cluster.stop` sends SIGTERM, waits, and kills what is left, so
-no process, port or namespace outlives it.
+no process, port or namespace outlives it. :meth:`Cluster.start_decode` and
+:meth:`Cluster.start_prefill` are :meth:`Cluster.start` in two steps, for a caller that
+puts something between the workers (``tests/serve/workers/test_faults.py``: a proxy that
+damages or cuts transfers).
 
 Example
 -------
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,10 @@ class ClusterConfig:
     ``shaper`` is ``"auto"`` (tbf if allowed, else the token bucket), ``"tbf"``,
     ``"token-bucket"`` or ``"none"``. ``library`` is the profile library (default: the
     shipped SmolLM2 one); ``secret_file`` the shared secret (created when absent).
+    ``peer_timeout_s`` is how long the prefill worker waits on a silent decode worker
+    (connecting, handshake, transfer, tokens) before it retries the request elsewhere
+    (``--peer-timeout-s``); keep it above the longest pause a busy decode worker makes
+    between two tokens. ``env`` is added to the workers' environment.
     """
 
     decode_workers: int = 1
@@ -60,7 +68,12 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     prefill_port: int = 0
     start_timeout_s: float = 300.0
+    peer_timeout_s: float = 30.0
     env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.peer_timeout_s > 0:
+            raise ValueError(f"peer_timeout_s is > 0 seconds, got {self.peer_timeout_s!r}")
 
 
 class WorkerProcess:
@@ -123,6 +136,8 @@ class Cluster:
         self.shaper = "none"  # which shaper runs the link: "tbf", "token-bucket" or "none"
         self.decode: list[WorkerProcess] = []
         self.prefill: WorkerProcess | None = None
+        self.decode_addresses: list[str] = []  # where the prefill worker sends requests
+        self._shaping: list[str] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="tensorwire-cluster-")
         self.log_dir = Path(self._tmp.name)
         self.secret_file = Path(self.config.secret_file) if self.config.secret_file else self.log_dir / "secret"
@@ -149,29 +164,70 @@ class Cluster:
         return ["--gbps", str(c.gbps)]
 
     def start(self) -> Cluster:
+        """Start the decode workers, then the prefill worker pointed at them; returns ``self``."""
+        self.start_decode()
+        self.start_prefill()
+        return self
+
+    def start_decode(self) -> list[WorkerProcess]:
+        """Set up the link and start the decode workers (side by side); returns them, ready.
+
+        With :meth:`start_prefill` this is :meth:`start` in two steps, for a caller that
+        puts something between the two kinds of worker (a proxy, a fault injector).
+        """
         c = self.config
+        if self.decode or self.prefill is not None:
+            raise RuntimeError("the cluster is already started")
         auth.ensure_secret_file(self.secret_file)
         try:
-            shaping = self._shape()
-            env = {**os.environ, **c.env}
-            common = [sys.executable, "-m", "tensorwire.serve.workers"]
-            shared = ["--host", c.host, "--secret-file", str(self.secret_file)]
-            shared += ["--netns", self.netns.name] if self.netns is not None else []
+            self._shaping = self._shape()
             for _ in range(c.decode_workers):  # one by one: a failed start still leaves the others to stop
-                self.decode.append(WorkerProcess("decode", [*common, "decode", *shared], env, self.log_dir))
+                self.decode.append(WorkerProcess("decode", self._command("decode"), self._env(), self.log_dir))
             for worker in self.decode:  # they load the model side by side
                 worker.wait_ready(c.start_timeout_s)
-            argv = [*common, "prefill", *shared, "--port", str(c.prefill_port), *shaping]
-            argv += [arg for worker in self.decode for arg in ("--decode", worker.address)]
+        except BaseException:
+            self.stop()
+            raise
+        return self.decode
+
+    def start_prefill(self, decode: Sequence[str] | None = None) -> WorkerProcess:
+        """Start the prefill worker (after :meth:`start_decode`); returns it, ready.
+
+        ``decode``: the ``HOST:PORT`` addresses it sends requests to, in this order of
+        preference (default: the decode workers, ``[w.address for w in self.decode]``).
+        Under the ``tbf`` shaper the prefill worker connects from inside the link's network
+        namespace, so the addresses must be reachable there; with ``"token-bucket"`` or
+        ``"none"`` they are on the host's network.
+        """
+        c = self.config
+        if self.prefill is not None:
+            raise RuntimeError("the prefill worker is already started")
+        addresses = [w.address for w in self.decode] if decode is None else [str(a) for a in decode]
+        if not addresses:
+            raise ValueError("the prefill worker needs at least one decode worker address (start_decode first)")
+        try:
+            argv = [*self._command("prefill"), "--port", str(c.prefill_port), *self._shaping]
+            argv += [arg for address in addresses for arg in ("--decode", address)]
             argv += ["--rtt-ms", str(c.rtt_ms)] if c.rtt_ms else []
             argv += ["--library", c.library] if c.library else []
             argv += [] if c.calibrate else ["--no-calibrate"]
-            self.prefill = WorkerProcess("prefill", argv, env, self.log_dir)
+            argv += ["--peer-timeout-s", str(c.peer_timeout_s)]
+            self.prefill = WorkerProcess("prefill", argv, self._env(), self.log_dir)
             self.prefill.wait_ready(c.start_timeout_s)
         except BaseException:
             self.stop()
             raise
-        return self
+        self.decode_addresses = addresses
+        return self.prefill
+
+    def _command(self, role: str) -> list[str]:
+        c = self.config
+        argv = [sys.executable, "-m", "tensorwire.serve.workers", role, "--host", c.host,
+                "--secret-file", str(self.secret_file)]  # fmt: skip
+        return argv + (["--netns", self.netns.name] if self.netns is not None else [])
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **self.config.env}
 
     def backend(self, tokenizer: Any, profiles=()):
         """A front-end :class:`~tensorwire.serve.http.backend.Backend` talking to this cluster."""

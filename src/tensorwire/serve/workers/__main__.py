@@ -34,6 +34,15 @@ from .prefill import Peer, PrefillWorker
 log = logging.getLogger("tensorwire.serve.worker")
 
 CALIBRATION_TOKENS = 1024  # prompt tokens of the cache the prefill worker calibrates on
+PEER_TIMEOUT_S = 30.0  # the transport's default idle timeout (docs/PROTOCOL.md section 7)
+HANDSHAKE_TIMEOUT_S = 10.0  # the transport's default handshake deadline (section 3)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time the sender adds per message")
     g.add_argument("--initial-gbps", type=float, help="the controller's first bandwidth estimate (default: --gbps)")
     g.add_argument("--no-calibrate", action="store_true", help="keep the library's offline codec speeds")
+    g.add_argument("--peer-timeout-s", type=_seconds, default=PEER_TIMEOUT_S,
+                   help="idle seconds before a decode worker that sends (or reads) nothing is given up and the "
+                        "request retried elsewhere; also bounds connecting and the handshake")  # fmt: skip
     return p
 
 
@@ -103,9 +115,14 @@ def _prefill(args: argparse.Namespace, engine: Engine):
     initial = gbit(args.initial_gbps) if args.initial_gbps else (bucket.rate if bucket and math.isfinite(bucket.rate) else None)
     controller = Controller(library, initial_bandwidth_bps=initial)
     secret = auth.load_secret(args.secret_file)
+    # A stalled decode worker (stopped, swapping, wedged) is given up after this many idle
+    # seconds, whatever it stalls in: connecting, the handshake, the KV transfer, the tokens.
+    timeouts = {"read_timeout": args.peer_timeout_s, "write_timeout": args.peer_timeout_s,
+                "handshake_timeout": min(HANDSHAKE_TIMEOUT_S, args.peer_timeout_s),
+                "connect_timeout": min(HANDSHAKE_TIMEOUT_S, args.peer_timeout_s)}  # fmt: skip
 
     async def connect_peer(host: str, port: int):
-        options: dict[str, Any] = {"secret": secret}
+        options: dict[str, Any] = {"secret": secret, **timeouts}
         if args.netns:
             options.update(sock=Netns(args.netns).socket(), link="tbf")
         if bucket is not None:

@@ -67,7 +67,10 @@ class WorkerBackend:
                     yield Tokens((int(message["token"]),))
                 elif kind == "kv_sent":
                     decision = message.get("decision") or {}
-                    yield Prefilled(decision.get("choice"), decision, int(message.get("kv_bytes_raw") or 0),
+                    # What the cache went through, which is not the decision's choice after a
+                    # raw resend (None: it did not move); a prefill worker without the field: the choice.
+                    profile = message["profile"] if "profile" in message else decision.get("choice")
+                    yield Prefilled(profile, decision, int(message.get("kv_bytes_raw") or 0),
                                     int(message.get("kv_bytes_sent") or 0),
                                     message.get("timings", {}))  # fmt: skip
                 elif kind == "done":

@@ -14,8 +14,9 @@ messages"):
 4. feed the controller what it observed: the latency from the first encode to the decode
    worker's ``kv_received``, the bytes, and the wire time.
 
-Faults: a decode worker that cannot be reached, drops the connection, stalls or fails
-is replaced by the next one; a transfer it refuses as damaged is resent raw, to it first;
+Faults: a decode worker that cannot be reached, drops the connection, stalls (nothing for
+the connection's idle timeout: the worker's ``--peer-timeout-s``) or fails is replaced by
+the next one; a transfer it refuses as damaged is resent raw, to it first;
 when no decode worker is left, this worker generates the rest itself from its own cache.
 A retry carries the tokens already relayed as a prefix that the next worker feeds after
 the prompt, so the answer continues what the client has: no token is lost, repeated or
@@ -47,7 +48,7 @@ __all__ = ["PrefillWorker", "Peer", "RAW_PIPELINE"]
 log = logging.getLogger("tensorwire.serve.prefill")
 
 # ERROR codes of a transfer that arrived damaged (docs/PROTOCOL.md): resent raw, elsewhere.
-DAMAGED = frozenset({"frame-checksum", "malformed-frame", "payload-checksum", "corrupt-payload", "bad_kv"})
+DAMAGED = frozenset({"frame-checksum", "malformed-frame", "payload-checksum", "corrupt-payload"})
 RAW_PIPELINE = PRESETS["bf16"]  # "uncompressed": the bf16 cache a server holds, as it is
 OBSERVE_WINDOW = 64  # queries captured during prefill for SnapKV-style selectors
 
@@ -138,7 +139,7 @@ class PrefillWorker:
                 config = RAW_PIPELINE  # the damaged transfer is resent uncompressed, to the same worker first
                 queue.insert(0, peer)
         else:
-            await relay.kv_sent({"peer": "prefill", "kv_bytes_sent": 0})  # no decode worker left: nothing moves
+            await relay.kv_sent({"peer": "prefill", "kv_bytes_sent": 0}, None)  # no decode worker left: nothing moves
             await self._finish_here(data, prompt[-1], sampling, relay)
             attempts.append({"peer": "prefill", "status": "done"})
         await relay.message({"type": "done", "id": request_id, "tokens": relay.sent, "attempts": attempts,
@@ -163,6 +164,7 @@ class PrefillWorker:
                         config: dict[str, Any], decision: Decision, relay: _Relay) -> dict[str, Any]:  # fmt: skip
         """One attempt on one decode worker; returns how it ended (``status``: done, bad_kv, failed)."""
         peer.in_flight += 1
+        tried = time.perf_counter()
         outcome: dict[str, Any] = {"peer": peer.address, "pipeline": config}
         try:
             conn = await self.connect(peer.host, peer.port)
@@ -187,7 +189,7 @@ class PrefillWorker:
                 if config is not RAW_PIPELINE or decision.is_raw:
                     self.controller.observe(decision, observed_latency=latency, bytes_sent=sent, transfer_time=wire_s)
                 outcome.update(kv_latency_s=latency, kv_bytes_sent=sent, wire_s=wire_s, decode_kv_s=reply.get("seconds"))
-                await relay.kv_sent(outcome)
+                await relay.kv_sent(outcome, RAW if config is RAW_PIPELINE else decision.choice)
                 while True:
                     message = await conn.recv_message()
                     if message.get("type") == "token":
@@ -218,6 +220,7 @@ class PrefillWorker:
             return outcome
         finally:
             peer.in_flight -= 1
+            outcome["seconds"] = time.perf_counter() - tried
 
     async def _finish_here(self, data, last_token: int, sampling: SamplingParams, relay: _Relay) -> None:
         loop = asyncio.get_running_loop()
@@ -259,15 +262,18 @@ class _Relay:
         except (OSError, TensorwireError) as exc:
             raise FrontEndGone(str(exc)) from exc
 
-    async def kv_sent(self, outcome: dict[str, Any]) -> None:
+    async def kv_sent(self, outcome: dict[str, Any], profile: str | None) -> None:
+        """``profile``: what the cache went through on the wire ("raw" after a raw resend of a
+        damaged transfer, whatever the decision chose; None when it did not move)."""
         if self.told:
             return  # a retry after tokens went out: the front end already has the first outcome
         self.told = True
         timings = {"prefill_s": self.prefill_s, **{k: outcome[k] for k in ("kv_latency_s", "wire_s", "decode_kv_s")
                                                    if outcome.get(k) is not None}}  # fmt: skip
-        await self.message({"type": "kv_sent", "id": self.request_id, "decision": self.decision.to_dict(),
-                            "kv_bytes_raw": self.kv_bytes_raw, "kv_bytes_sent": outcome.get("kv_bytes_sent"),
-                            "decode_worker": outcome.get("peer"), "timings": timings})  # fmt: skip
+        await self.message({"type": "kv_sent", "id": self.request_id, "profile": profile,
+                            "decision": self.decision.to_dict(), "kv_bytes_raw": self.kv_bytes_raw,
+                            "kv_bytes_sent": outcome.get("kv_bytes_sent"), "decode_worker": outcome.get("peer"),
+                            "timings": timings})  # fmt: skip
 
     async def send(self, token: Any, index: Any) -> bool:
         """Relay the token at ``index``; False (nothing sent) when it is not the next one."""
