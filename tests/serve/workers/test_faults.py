@@ -376,7 +376,7 @@ def test_a_frame_damaged_in_flight_is_resent_raw(deployment, engine, prompt, loc
     assert code in attempts[0]["error"], attempts[0]
     assert attempts[0]["pipeline"] != RAW_PIPELINE and attempts[1]["pipeline"] == RAW_PIPELINE
     assert attempts[0]["peer"] == deployment.proxies.fired[0][1]
-    assert attempts[1]["peer"] != attempts[0]["peer"]
+    assert attempts[1]["peer"] == attempts[0]["peer"]  # the worker is fine, the bytes were not: same worker, raw
     prefilled = next(e for e in events if isinstance(e, Prefilled))
     assert prefilled.decision["choice"] == LOSSY  # what was asked for; the raw cache is what moved:
     assert prefilled.profile == "raw" and prefilled.kv_bytes_sent >= prefilled.kv_bytes_raw
@@ -397,7 +397,7 @@ def test_a_connection_cut_during_the_transfer_is_retried_elsewhere(deployment, e
 
 
 def test_a_connection_cut_during_the_tokens_sends_each_token_once(deployment, engine, prompt, raw_reference, short):
-    """Three tokens relayed, then the connection is gone: the retry skips them, nothing is sent twice."""
+    """Three tokens relayed, then the connection is gone: the retry continues after them, nothing is sent twice."""
     fault = Fault("cut-tokens", 3)
     deployment.proxies.arm(fault)
     messages = _raw_messages(deployment, prompt, "raw", "cut-tokens")
