@@ -145,8 +145,18 @@ class FaultyProxies:
             layers = tokens = 0
             try:
                 while True:
-                    head = await reader.readexactly(P.HEADER_SIZE)
-                    payload = await reader.readexactly(int.from_bytes(head[8:12], "little"))
+                    head = b""
+                    try:
+                        head = await reader.readexactly(P.HEADER_SIZE)
+                        payload = await reader.readexactly(int.from_bytes(head[8:12], "little"))
+                    except asyncio.IncompleteReadError as exc:
+                        # The sender closed its side: pass on what came and the close (FIN), and
+                        # keep relaying the other way, as TCP does. Closing both at once here
+                        # would reset the connection, which can destroy the ERROR frame a
+                        # decode worker sent just before closing, unread, on the other side.
+                        writer.write(head + exc.partial)
+                        writer.write_eof()
+                        return
                     kind = head[5]
                     if fault and upstream and kind == P.FrameType.KV_LAYER:
                         if layers == fault.at and fault.kind in ("flip", "flip-rechecksum"):
@@ -175,13 +185,13 @@ class FaultyProxies:
                         if tokens == fault.at and fault.kind == "stop-after-tokens":
                             os.kill(pid, signal.SIGSTOP)
                             self._fired(fault, address)
-            except (asyncio.IncompleteReadError, ConnectionError, OSError):
-                pass
-            cut()  # one side went away: the other goes too (one request per connection)
+            except (ConnectionError, OSError, RuntimeError):  # RuntimeError: a write after the close
+                cut()  # one side was reset: the other goes too
 
         try:
             await asyncio.gather(pump(c_reader, s_writer, True), pump(s_reader, c_writer, False))
         finally:
+            cut()
             self._writers.difference_update(both)
 
     def close(self) -> None:
