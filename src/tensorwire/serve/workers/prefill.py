@@ -155,7 +155,7 @@ class PrefillWorker:
         decision = self.controller.choose(context)
         if forced in ("auto", decision.choice):
             return decision
-        return _forced(decision, forced, self.controller)
+        return _forced(decision, forced, self.controller, context)
 
     def _ranked_peers(self) -> list[Peer]:
         return sorted(self.peers, key=lambda p: (p.failures > 0, p.in_flight))
@@ -284,16 +284,21 @@ class _Relay:
         return True
 
 
-def _forced(decision: Decision, name: str, controller: Controller) -> Decision:
-    """``decision`` with the choice the request forces (raw or a profile among its candidates).
+def _forced(decision: Decision, name: str, controller: Controller, context: RequestContext) -> Decision:
+    """``decision`` with the choice the request forces: raw, or a profile of the library
+    within the request's quality budget.
 
     The candidates keep the controller's predictions, so ``observe`` learns from a forced
-    transfer like from any other.
+    transfer like from any other. Before the first transfer has measured the link the
+    decision lists no candidates (it is raw, "no bandwidth estimate yet"); a profile is
+    still the client's to force then.
     """
-    if name != RAW and decision.candidate(name) is None:
-        raise ValueError(f"compression {name!r} is not a candidate for this request (unknown, or outside its quality "
-                         f"budget); candidates: {', '.join(c.name for c in decision.candidates)}")  # fmt: skip
-    profile = None if name == RAW else controller.library[name]
+    profile = None if name == RAW else controller.profiles.get(name)
+    if name != RAW and (profile is None or not profile.meets(context.max_ppl_increase, context.max_retrieval_drop)):
+        allowed = [p.name for p in controller.profiles.values()
+                   if p.meets(context.max_ppl_increase, context.max_retrieval_drop)]  # fmt: skip
+        raise ValueError(f"compression {name!r} is not a profile this request may use (unknown, or outside its "
+                         f"quality budget); it may use: {', '.join([RAW, *allowed])}")  # fmt: skip
     return dataclasses.replace(decision, choice=name, profile=profile,
                                reason=f"forced by the request; the controller would pick {decision.choice}: {decision.reason}")
 
