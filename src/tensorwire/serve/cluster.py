@@ -209,7 +209,6 @@ class Cluster:
             argv = [*self._command("prefill"), "--port", str(c.prefill_port), *self._shaping]
             argv += [arg for address in addresses for arg in ("--decode", address)]
             argv += ["--rtt-ms", str(c.rtt_ms)] if c.rtt_ms else []
-            argv += ["--library", c.library] if c.library else []
             argv += [] if c.calibrate else ["--no-calibrate"]
             argv += ["--peer-timeout-s", str(c.peer_timeout_s)]
             self.prefill = WorkerProcess("prefill", argv, self._env(), self.log_dir)
@@ -224,6 +223,7 @@ class Cluster:
         c = self.config
         argv = [sys.executable, "-m", "tensorwire.serve.workers", role, "--host", c.host,
                 "--secret-file", str(self.secret_file)]  # fmt: skip
+        argv += ["--library", c.library] if c.library else []
         return argv + (["--netns", self.netns.name] if self.netns is not None else [])
 
     def _env(self) -> dict[str, str]:

@@ -94,6 +94,8 @@ class KVOptions:
     the cache (``inf``: none); ``max_ppl_increase`` the relative perplexity increase
     allowed (0.01 = +1 %) and ``max_retrieval_drop`` the retrieval accuracy points that
     may be lost (``inf``: no limit). ``workload`` is the controller's workload class.
+    ``policy`` names the policy that decides (None: the backend's controller; a prefill
+    worker also holds ``"kvserve-rule"``), for benchmarks that compare them.
     """
 
     compression: str = AUTO
@@ -101,6 +103,7 @@ class KVOptions:
     max_ppl_increase: float = math.inf
     max_retrieval_drop: float = math.inf
     workload: str = "default"
+    policy: str | None = None
 
     def context(self, tokens: int, *, bandwidth_bps: float | None = None, request_id: int | None = None) -> RequestContext:
         """The controller's :class:`~tensorwire.control.context.RequestContext` for a cache of

@@ -1,7 +1,7 @@
 """A worker process: ``python -m tensorwire.serve.workers {prefill,decode} [options]``.
 
-Each worker loads the model, warms it (and, for the prefill worker, calibrates the
-profile library on this machine), starts listening, and prints one JSON line to stdout
+Each worker loads the model, warms it and the codecs of raw and every profile of the
+library (the prefill worker also calibrates the library on this machine), starts listening, and prints one JSON line to stdout
 when it is ready: ``{"role": ..., "host": ..., "port": ..., "pid": ...}``. SIGTERM (or
 SIGINT) stops it: no new connections, in-flight requests get ``--drain-s`` seconds to
 finish, then the process exits 0. ``tensorwire.serve.cluster`` starts and stops these.
@@ -21,19 +21,20 @@ import time
 from typing import Any
 
 from ...control import Controller
+from ...control.policies import KVServeRule
 from ...control.traces import make_trace
 from ...data import SAMPLE_TEXT, SMOLLM2_LIBRARY
 from ...kv.profiles import ProfileLibrary
 from .. import auth
-from ..calibration import calibrate
+from ..calibration import calibrate, warm
 from ..engine import Engine
 from ..transport import Netns, TokenBucket, connect, gbit, start_server
 from .decode import DecodeWorker
-from .prefill import Peer, PrefillWorker
+from .prefill import RAW_PIPELINE, Peer, PrefillWorker
 
 log = logging.getLogger("tensorwire.serve.worker")
 
-CALIBRATION_TOKENS = 1024  # prompt tokens of the cache the prefill worker calibrates on
+CALIBRATION_TOKENS = 1024  # prompt tokens of the cache the workers calibrate and warm their codecs on
 PEER_TIMEOUT_S = 30.0  # the transport's default idle timeout (docs/PROTOCOL.md section 7)
 HANDSHAKE_TIMEOUT_S = 10.0  # the transport's default handshake deadline (section 3)
 
@@ -54,9 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-file", help="shared secret (default: $TENSORWIRE_SECRET)")
     p.add_argument("--netns", help="the network namespace of the shaped link (tbf): KV sockets are made in it")
     p.add_argument("--drain-s", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--library", help="profile library JSON (default: the shipped SmolLM2 library); a decode "
+                                     "worker warms its decoders with it")  # fmt: skip
     g = p.add_argument_group("prefill worker")
     g.add_argument("--decode", action="append", default=[], metavar="HOST:PORT", help="a decode worker (repeatable)")
-    g.add_argument("--library", help="profile library JSON (default: the shipped SmolLM2 library)")
     g.add_argument("--gbps", type=float, help="link rate for the sender-side token bucket, Gbit/s")
     g.add_argument("--trace", help="follow this bandwidth trace (step, walk, bursty) with the token bucket")
     g.add_argument("--trace-step-s", type=float, default=1.0)
@@ -96,15 +98,29 @@ async def _drain(server, seconds: float) -> None:
     await server.close()
 
 
+def _warm_up_cache(engine: Engine):
+    ids = engine.tokenizer(SAMPLE_TEXT.read_text()).input_ids[:CALIBRATION_TOKENS]
+    return engine.prefill(ids, observe_window=64)
+
+
 def _decode(args: argparse.Namespace, engine: Engine):
+    library = ProfileLibrary.load(args.library or SMOLLM2_LIBRARY)
+    missing = library.check_installed()  # their payloads are refused anyway (an unknown stage)
+    usable = [p.pipeline for p in library if p.name not in missing]
+    seconds = warm([RAW_PIPELINE, *usable], _warm_up_cache(engine))
+    log.info("decoders of raw and %d profiles warmed in %.1f s", len(usable), seconds)
     return DecodeWorker(engine).handle
 
 
 def _prefill(args: argparse.Namespace, engine: Engine):
     library = ProfileLibrary.load(args.library or SMOLLM2_LIBRARY)
-    if not args.no_calibrate:
-        ids = engine.tokenizer(SAMPLE_TEXT.read_text()).input_ids[:CALIBRATION_TOKENS]
-        library = calibrate(library, engine.prefill(ids, observe_window=64), log=log.info)
+    cache = _warm_up_cache(engine)
+    warm([RAW_PIPELINE], cache)  # calibrating warms the profiles
+    if args.no_calibrate:
+        missing = library.check_installed()
+        warm([p.pipeline for p in library if p.name not in missing], cache)
+    else:
+        library = calibrate(library, cache, log=log.info)
     rate = gbit(args.gbps) if args.gbps else None
     bucket = None
     if args.trace:
@@ -114,6 +130,8 @@ def _prefill(args: argparse.Namespace, engine: Engine):
         bucket = TokenBucket(rate or math.inf, rtt_s=args.rtt_ms / 1e3)
     initial = gbit(args.initial_gbps) if args.initial_gbps else (bucket.rate if bucket and math.isfinite(bucket.rate) else None)
     controller = Controller(library, initial_bandwidth_bps=initial)
+    # KVServe's rule, for requests that name it (control.policy): benchmarks run both side by side.
+    alternatives = {"kvserve-rule": KVServeRule(library, initial_bandwidth_bps=initial)}
     secret = auth.load_secret(args.secret_file)
     # A stalled decode worker (stopped, swapping, wedged) is given up after this many idle
     # seconds, whatever it stalls in: connecting, the handshake, the KV transfer, the tokens.
@@ -130,7 +148,7 @@ def _prefill(args: argparse.Namespace, engine: Engine):
         return await connect(host, port, **options)
 
     peers = [Peer(*_host_port(a)) for a in args.decode]
-    return PrefillWorker(engine, controller, peers, connect_peer).handle
+    return PrefillWorker(engine, controller, peers, connect_peer, alternatives=alternatives).handle
 
 
 def _host_port(address: str) -> tuple[str, int]:

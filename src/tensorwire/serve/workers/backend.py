@@ -58,7 +58,8 @@ class WorkerBackend:
                 "sampling": request.sampling.to_dict(),
                 "control": {"compression": kv.compression, "slo_s": _finite(kv.slo_s),
                             "max_ppl_increase": _finite(kv.max_ppl_increase),
-                            "max_retrieval_drop": _finite(kv.max_retrieval_drop), "workload": kv.workload},
+                            "max_retrieval_drop": _finite(kv.max_retrieval_drop), "workload": kv.workload,
+                            "policy": kv.policy},
             })  # fmt: skip
             while True:
                 message = await conn.recv_message()

@@ -6,7 +6,8 @@ messages"):
 1. prefill ``prompt_ids[:-1]`` (with the last queries, for SnapKV-style profiles);
 2. ask the controller for a profile, or raw, from the cache size, the learned bandwidth
    to the decode workers, the request's SLO and quality budget (or take the one the
-   request forces);
+   request forces; ``control.policy`` may name another policy the worker holds, such as
+   ``"kvserve-rule"``, for side-by-side benchmarks);
 3. connect to the least busy decode worker, send ``continue`` and the KV stream (each
    layer encoded while the previous one is on the wire); once the decode worker holds the
    cache, tell the front end (``{"type": "kv_sent", "decision", "kv_bytes_raw",
@@ -31,11 +32,12 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ...control import RAW, Controller, Decision, RequestContext
+from ...control.policy import BasePolicy
 from ...errors import PeerError, TensorwireError
 from ...kv.pipeline import Pipeline
 from ...kv.presets import PRESETS
@@ -51,6 +53,7 @@ log = logging.getLogger("tensorwire.serve.prefill")
 DAMAGED = frozenset({"frame-checksum", "malformed-frame", "payload-checksum", "corrupt-payload"})
 RAW_PIPELINE = PRESETS["bf16"]  # "uncompressed": the bf16 cache a server holds, as it is
 OBSERVE_WINDOW = 64  # queries captured during prefill for SnapKV-style selectors
+CONTROLLER = "controller"  # the policy a request gets unless its control.policy names another
 
 
 @dataclass
@@ -80,12 +83,17 @@ class PrefillWorker:
         The decode workers.
     connect : callable
         ``await connect(host, port) -> Connection`` (authenticated, shaped as configured).
+    alternatives : mapping of str to Policy
+        Other policies a request may name in ``control.policy`` (the controller's name is
+        ``"controller"``); each learns only from the transfers it decided.
     """
 
     def __init__(self, engine: Engine, controller: Controller, peers: Sequence[Peer],
-                 connect: Callable[[str, int], Any], observe_window: int = OBSERVE_WINDOW):  # fmt: skip
+                 connect: Callable[[str, int], Any], observe_window: int = OBSERVE_WINDOW,
+                 alternatives: Mapping[str, BasePolicy] | None = None):  # fmt: skip
         self.engine = engine
         self.controller = controller
+        self.policies: dict[str, BasePolicy] = {CONTROLLER: controller, **(alternatives or {})}
         self.peers = list(peers)
         self.connect = connect
         self.observe_window = observe_window
@@ -124,14 +132,15 @@ class PrefillWorker:
         began = time.perf_counter()
         data = await loop.run_in_executor(None, self.engine.prefill, prompt, self.observe_window)
         prefill_s = time.perf_counter() - began
-        decision = self._decide(request, data.nbytes(2))
+        policy = self._policy(request)
+        decision = self._decide(policy, request, data.nbytes(2))
         config = decision.pipeline or RAW_PIPELINE
         relay = _Relay(front, request_id, decision, data.nbytes(2), prefill_s)
         attempts: list[dict[str, Any]] = []
         queue = self._ranked_peers()
         while queue:
             peer = queue.pop(0)
-            outcome = await self._transfer(peer, request_id, data, prompt[-1], sampling, config, decision, relay)
+            outcome = await self._transfer(peer, request_id, data, prompt[-1], sampling, config, policy, decision, relay)
             attempts.append(outcome)
             if outcome["status"] == "done":
                 break
@@ -145,23 +154,30 @@ class PrefillWorker:
         await relay.message({"type": "done", "id": request_id, "tokens": relay.sent, "attempts": attempts,
                              "finish_reason": self._finish_reason(relay, sampling)})  # fmt: skip
 
-    def _decide(self, request: dict[str, Any], kv_bytes: int) -> Decision:
+    def _policy(self, request: dict[str, Any]) -> BasePolicy:
+        name = (request.get("control") or {}).get("policy") or CONTROLLER
+        if name not in self.policies:
+            raise ValueError(f"policy {name!r} is not one this worker holds: {', '.join(self.policies)}")
+        return self.policies[name]
+
+    def _decide(self, policy: BasePolicy, request: dict[str, Any], kv_bytes: int) -> Decision:
         control = request.get("control") or {}
         forced = control.get("compression", "auto")
         context = RequestContext(kv_bytes=kv_bytes, slo_s=_limit(control.get("slo_s")),
                                  max_ppl_increase=_limit(control.get("max_ppl_increase")),
                                  max_retrieval_drop=_limit(control.get("max_retrieval_drop")),
                                  workload=str(control.get("workload", "default")))  # fmt: skip
-        decision = self.controller.choose(context)
+        decision = policy.choose(context)
         if forced in ("auto", decision.choice):
             return decision
-        return _forced(decision, forced, self.controller, context)
+        return _forced(decision, forced, policy, context)
 
     def _ranked_peers(self) -> list[Peer]:
         return sorted(self.peers, key=lambda p: (p.failures > 0, p.in_flight))
 
     async def _transfer(self, peer: Peer, request_id: Any, data, last_token: int, sampling: SamplingParams,
-                        config: dict[str, Any], decision: Decision, relay: _Relay) -> dict[str, Any]:  # fmt: skip
+                        config: dict[str, Any], policy: BasePolicy, decision: Decision,
+                        relay: _Relay) -> dict[str, Any]:  # fmt: skip
         """One attempt on one decode worker; returns how it ended (``status``: done, bad_kv, failed)."""
         peer.in_flight += 1
         tried = time.perf_counter()
@@ -181,14 +197,18 @@ class PrefillWorker:
                     outcome.update(status="failed", error=reply.get("message"))
                     return outcome
                 latency = time.perf_counter() - began
-                # The link speed is learned from the receiver's first-to-last byte: the
-                # sender's writes return once the socket buffer takes the bytes, and the
-                # receiver's per-frame reads are short when the kernel already holds a frame.
-                sent, wire_s = stats.wire_bytes, reply.get("wire_span_s") or stats.wire_s
+                # The link speed is learned from the receiver's busy time (the union of each
+                # frame's first-to-last byte): the sender's writes return once the socket
+                # buffer takes the bytes, and the first-to-last byte of the whole transfer
+                # also counts the gaps where the link idled while the sender encoded (an
+                # encoder-bound 1 Gbit/s transfer measured 0.2 Gbit/s that way, 0.76 busy).
+                sent, span = stats.wire_bytes, reply.get("wire_span_s")
+                wire_s = (reply.get("stats") or {}).get("wire_s") or span or stats.wire_s
                 # A raw resend of a profile's transfer says nothing about that profile's speed.
                 if config is not RAW_PIPELINE or decision.is_raw:
-                    self.controller.observe(decision, observed_latency=latency, bytes_sent=sent, transfer_time=wire_s)
-                outcome.update(kv_latency_s=latency, kv_bytes_sent=sent, wire_s=wire_s, decode_kv_s=reply.get("seconds"))
+                    policy.observe(decision, observed_latency=latency, bytes_sent=sent, transfer_time=wire_s)
+                outcome.update(kv_latency_s=latency, kv_bytes_sent=sent, wire_s=wire_s, wire_span_s=span,
+                               decode_kv_s=reply.get("seconds"))
                 await relay.kv_sent(outcome, RAW if config is RAW_PIPELINE else decision.choice)
                 while True:
                     message = await conn.recv_message()
@@ -268,7 +288,7 @@ class _Relay:
         if self.told:
             return  # a retry after tokens went out: the front end already has the first outcome
         self.told = True
-        timings = {"prefill_s": self.prefill_s, **{k: outcome[k] for k in ("kv_latency_s", "wire_s", "decode_kv_s")
+        timings = {"prefill_s": self.prefill_s, **{k: outcome[k] for k in ("kv_latency_s", "wire_s", "wire_span_s", "decode_kv_s")
                                                    if outcome.get(k) is not None}}  # fmt: skip
         await self.message({"type": "kv_sent", "id": self.request_id, "profile": profile,
                             "decision": self.decision.to_dict(), "kv_bytes_raw": self.kv_bytes_raw,
@@ -284,23 +304,23 @@ class _Relay:
         return True
 
 
-def _forced(decision: Decision, name: str, controller: Controller, context: RequestContext) -> Decision:
+def _forced(decision: Decision, name: str, policy: BasePolicy, context: RequestContext) -> Decision:
     """``decision`` with the choice the request forces: raw, or a profile of the library
     within the request's quality budget.
 
-    The candidates keep the controller's predictions, so ``observe`` learns from a forced
+    The candidates keep the policy's predictions, so ``observe`` learns from a forced
     transfer like from any other. Before the first transfer has measured the link the
     decision lists no candidates (it is raw, "no bandwidth estimate yet"); a profile is
     still the client's to force then.
     """
-    profile = None if name == RAW else controller.profiles.get(name)
+    profile = None if name == RAW else policy.profiles.get(name)
     if name != RAW and (profile is None or not profile.meets(context.max_ppl_increase, context.max_retrieval_drop)):
-        allowed = [p.name for p in controller.profiles.values()
+        allowed = [p.name for p in policy.profiles.values()
                    if p.meets(context.max_ppl_increase, context.max_retrieval_drop)]  # fmt: skip
         raise ValueError(f"compression {name!r} is not a profile this request may use (unknown, or outside its "
                          f"quality budget); it may use: {', '.join([RAW, *allowed])}")  # fmt: skip
     return dataclasses.replace(decision, choice=name, profile=profile,
-                               reason=f"forced by the request; the controller would pick {decision.choice}: {decision.reason}")
+                               reason=f"forced by the request; the policy would pick {decision.choice}: {decision.reason}")
 
 
 def _json_safe(value: Any) -> Any:
