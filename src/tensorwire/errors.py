@@ -51,6 +51,7 @@ __all__ = [
     "ModelNotFound",
     "ContextLengthExceeded",
     "TooManyRequests",
+    "RequestTooLarge",
     "BackendError",
     "BackendUnavailable",
     # serving: wire protocol and transport (docs/PROTOCOL.md)
@@ -223,6 +224,15 @@ class ContextLengthExceeded(InvalidRequest):
     """The prompt, or the prompt plus ``max_tokens``, does not fit the model's context."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = "context_length_exceeded"):
+        super().__init__(message, param=param, code=code)
+
+
+class RequestTooLarge(InvalidRequest):
+    """The request body is larger than the front end accepts (HTTP 413); nothing of it was parsed."""
+
+    status = 413
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "request_too_large"):
         super().__init__(message, param=param, code=code)
 
 

@@ -412,6 +412,17 @@ def test_too_many_in_flight_is_a_429():
         assert r.status_code == 200
 
 
+def test_a_body_over_the_limit_is_a_413_whether_declared_or_streamed():
+    with BackgroundServer(create_app(FakeBackend(), model_name=MODEL, max_context=512, max_body_bytes=1000)) as server:
+        big = json.dumps(completion(prompt="x" * 2000)).encode()
+        declared = httpx.post(server.url + "/v1/completions", content=big, timeout=10)
+        streamed = httpx.post(server.url + "/v1/completions", content=iter([big[:600], big[600:]]), timeout=10)  # chunked
+        for r in (declared, streamed):
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["code"] == "request_too_large" and "1000" in r.json()["error"]["message"]
+        assert httpx.post(server.url + "/v1/completions", json=completion(), timeout=10).status_code == 200
+
+
 # -- metrics ------------------------------------------------------------------------------------------------------------
 def test_metrics_parse_and_count():
     backend = FakeBackend()

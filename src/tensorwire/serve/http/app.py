@@ -25,7 +25,7 @@ Routes
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 bad request (malformed JSON, missing or mistyped field, out-of-range value, unknown
 profile, prompt or ``max_tokens`` beyond the context), 404 for an unknown model or route,
-429 when ``max_in_flight`` requests are already being served, 500 when the backend raised
+413 for a body over ``max_body_bytes`` (refused before it is read in full), 429 when ``max_in_flight`` requests are already being served, 500 when the backend raised
 (logged with its traceback; the server goes on serving), 503 when it raised
 :class:`~tensorwire.errors.BackendUnavailable`. A failure after a stream has started is an
 SSE event ``data: {"error": {...}}`` followed by ``data: [DONE]``.
@@ -61,7 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ...errors import BackendError, InvalidRequest, TooManyRequests
+from ...errors import BackendError, InvalidRequest, RequestTooLarge, TooManyRequests
 from .backend import Backend, BackendHealth, Finished, GenerationRequest, Prefilled, Tokens
 from .metrics import CONTENT_TYPE_LATEST, Metrics, reason_class
 from .schemas import (
@@ -315,6 +315,23 @@ async def _pieces(backend: Backend, run: _Run) -> AsyncIterator[str]:
 
 
 # -- the app --------------------------------------------------------------------------------------------
+MAX_BODY_BYTES = 4 << 20  # a full 8k-token context as text or token ids is well under 100 KB
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read until ``limit`` bytes at most (a hostile Content-Length or a chunked
+    body that never ends is refused without buffering it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"the request body is {int(declared)} bytes; this server reads at most {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLarge(f"the request body is over {limit} bytes, the most this server reads")
+    return bytes(body)
+
+
 def create_app(
     backend: Backend,
     *,
@@ -322,6 +339,7 @@ def create_app(
     max_context: int,
     defaults: ServerDefaults | None = None,
     max_in_flight: int = 64,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The OpenAI-compatible app over ``backend`` (see the module docstring).
 
@@ -337,11 +355,15 @@ def create_app(
         What requests get for fields they leave out.
     max_in_flight : int
         Generation requests served at once; more are answered 429 at once.
+    max_body_bytes : int
+        The largest request body read; a larger one is answered 413 before it is parsed.
     """
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
         raise ValueError(f"max_context is {max_context!r}; expected an integer >= 2")
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight is {max_in_flight!r}; expected an integer >= 1")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes is {max_body_bytes!r}; expected an integer >= 1")
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name is {model_name!r}; expected a non-empty string")
     defaults = defaults or ServerDefaults()
@@ -383,7 +405,7 @@ def create_app(
     # -- generation -----------------------------------------------------------------------------------
     async def prepare(request: Request, endpoint: str) -> tuple[Any, _Run]:
         received = time.perf_counter()
-        raw = await request.body()
+        raw = await _read_body(request, max_body_bytes)
         if endpoint == CHAT:
             body: Any = parse_body(raw, ChatRequest)
         else:
