@@ -20,10 +20,10 @@ from tensorwire.control.traces import Trace
 from tensorwire.errors import ShapingUnavailable
 from tensorwire.kv.pipeline import Pipeline
 from tensorwire.kv.stage import KVCacheData
-from tensorwire.serve import EmulatedLink, TokenBucket, gbit
+from tensorwire.serve import EmulatedLink, TokenBucket, gbps
 from tensorwire.serve.transport import link as link_module
 from tensorwire.serve.transport.netns import Netns, cleanup_stale_namespaces, kernel_shaping_status, tbf_args
-from tensorwire.serve.transport.shaping import TraceRate, default_burst, to_gbit
+from tensorwire.serve.transport.shaping import TraceRate, default_burst, to_gbps
 from tensorwire.testing.strategies import kv_cache_data
 
 from .conftest import SECRET, run, tcp_pair
@@ -95,22 +95,22 @@ def test_trace_rates():
     with pytest.raises(ValueError):
         TraceRate(trace, 0.0)
     bucket = TokenBucket.from_trace(Trace.from_gbps("g", [0.1, 10.0]), step_s=1.0)
-    assert bucket.burst == default_burst(gbit(10.0)) and to_gbit(bucket.rate) == pytest.approx(0.1)
+    assert bucket.burst == default_burst(gbps(10.0)) and to_gbps(bucket.rate) == pytest.approx(0.1)
 
 
 def test_bucket_arguments():
     for bad in (dict(rate=0), dict(rate=-1.0), dict(rate=1.0, burst=0), dict(rate=1.0, rtt_s=-1)):
         with pytest.raises(ValueError):
             TokenBucket(**bad)
-    assert default_burst(gbit(0.05)) == 64 << 10 and default_burst(gbit(10)) == int(gbit(10) * 0.002)
+    assert default_burst(gbps(0.05)) == 64 << 10 and default_burst(gbps(10)) == int(gbps(10) * 0.002)
     infinite = TokenBucket(math.inf, rtt_s=0.01)
     assert infinite.take(10**12) == 0.0 and infinite.burst == 64 << 10
-    assert gbit(1.0) == 125e6 and to_gbit(125e6) == 1.0
+    assert gbps(1.0) == 125e6 and to_gbps(125e6) == 1.0
 
 
 def test_tbf_arguments():
-    assert tbf_args(gbit(0.1)) == ["tbf", "rate", "100000000bit", "burst", str(128 << 10), "latency", "50ms"]
-    assert tbf_args(gbit(10), latency_s=0.02)[4] == str(int(gbit(10) * 0.004))
+    assert tbf_args(gbps(0.1)) == ["tbf", "rate", "100000000bit", "burst", str(128 << 10), "latency", "50ms"]
+    assert tbf_args(gbps(10), latency_s=0.02)[4] == str(int(gbps(10) * 0.004))
     with pytest.raises(ValueError):
         tbf_args(0)
 
@@ -155,7 +155,7 @@ def window_rate(stats, start: float, lo: float, hi: float) -> float:
 
 @pytest.mark.parametrize("mbit", [50, 100, 200])
 def test_the_token_bucket_achieves_its_rate(mbit):
-    rate = gbit(mbit / 1000)
+    rate = gbps(mbit / 1000)
 
     async def body():
         with EmulatedLink(rate, shaper="token-bucket") as link:
@@ -173,11 +173,11 @@ def test_the_token_bucket_follows_a_trace_live():
         bucket = TokenBucket.from_trace(trace, step_s=0.4, loop=False, clock=time.perf_counter)
         start = time.perf_counter()
         async with tcp_pair(shaper=bucket) as (client, server):
-            cache = cache_of(gbit(0.04) * 0.4 + gbit(0.16) * 0.5, tokens=32)  # 64 KiB layers
+            cache = cache_of(gbps(0.04) * 0.4 + gbps(0.16) * 0.5, tokens=32)  # 64 KiB layers
             _, (_, stats) = await asyncio.gather(client.send_kv("r", RAW.encode_stream(cache)), server.recv_kv())
         slow, fast = window_rate(stats, start, 0.05, 0.35), window_rate(stats, start, 0.5, 0.8)
-        assert slow == pytest.approx(gbit(0.04), rel=0.2), f"{slow * 8 / 1e6:.1f} Mbit/s in the 40 Mbit/s step"
-        assert fast == pytest.approx(gbit(0.16), rel=0.2), f"{fast * 8 / 1e6:.1f} Mbit/s in the 160 Mbit/s step"
+        assert slow == pytest.approx(gbps(0.04), rel=0.2), f"{slow * 8 / 1e6:.1f} Mbit/s in the 40 Mbit/s step"
+        assert fast == pytest.approx(gbps(0.16), rel=0.2), f"{fast * 8 / 1e6:.1f} Mbit/s in the 160 Mbit/s step"
 
     run(body())
 
@@ -196,13 +196,13 @@ def test_rtt_is_added_once_per_message():
 
 def test_without_kernel_shaping_the_link_falls_back_to_the_token_bucket(monkeypatch):
     monkeypatch.setattr(link_module, "kernel_shaping_status", lambda: (False, "not root here (a test)"))
-    with EmulatedLink(gbit(0.1)) as link:
+    with EmulatedLink(gbps(0.1)) as link:
         assert link.shaper == "token-bucket" and link.fallback_reason == "not root here (a test)"
-        assert link.rate == gbit(0.1) and link.options()["shaper"] is link.bucket
-        link.set_rate(gbit(0.2))
-        assert link.rate == gbit(0.2)
+        assert link.rate == gbps(0.1) and link.options()["shaper"] is link.bucket
+        link.set_rate(gbps(0.2))
+        assert link.rate == gbps(0.2)
     with pytest.raises(ShapingUnavailable, match="not root here"):
-        EmulatedLink(gbit(0.1), shaper="tbf").open()
+        EmulatedLink(gbps(0.1), shaper="tbf").open()
 
     async def body():
         with EmulatedLink(shaper="none") as link:
@@ -225,7 +225,7 @@ def namespaces() -> set[str]:
 @needs_kernel
 @pytest.mark.parametrize("mbit", [100, 500])
 def test_tbf_achieves_its_rate(mbit):
-    rate = gbit(mbit / 1000)
+    rate = gbps(mbit / 1000)
 
     async def body():
         with EmulatedLink(rate, shaper="tbf") as link:
@@ -246,11 +246,11 @@ def test_tbf_follows_a_trace_live():
     async def body():
         with EmulatedLink(trace=trace, step_s=0.4, shaper="tbf") as link:
             start = time.perf_counter()
-            stats = await transfer(link, cache_of(gbit(0.05) * 0.4 + gbit(0.2) * 0.5, tokens=32))
+            stats = await transfer(link, cache_of(gbps(0.05) * 0.4 + gbps(0.2) * 0.5, tokens=32))
             assert link.netns.rate_changes >= 1
         slow, fast = window_rate(stats, start, 0.1, 0.35), window_rate(stats, start, 0.5, 0.8)
-        assert slow == pytest.approx(gbit(0.05), rel=0.2), f"{slow * 8 / 1e6:.1f} Mbit/s in the 50 Mbit/s step"
-        assert fast == pytest.approx(gbit(0.2), rel=0.2), f"{fast * 8 / 1e6:.1f} Mbit/s in the 200 Mbit/s step"
+        assert slow == pytest.approx(gbps(0.05), rel=0.2), f"{slow * 8 / 1e6:.1f} Mbit/s in the 50 Mbit/s step"
+        assert fast == pytest.approx(gbps(0.2), rel=0.2), f"{fast * 8 / 1e6:.1f} Mbit/s in the 200 Mbit/s step"
 
     run(body())
 

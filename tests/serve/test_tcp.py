@@ -29,7 +29,7 @@ from tensorwire.errors import (
     UnsupportedProtocolVersion,
 )
 from tensorwire.kv.pipeline import Pipeline
-from tensorwire.serve import TokenBucket, connect, gbit
+from tensorwire.serve import TokenBucket, connect, gbps
 from tensorwire.serve import protocol as P
 from tensorwire.testing.conformance import TransportSuite
 from tensorwire.testing.strategies import kv_cache_data, kv_caches
@@ -103,7 +103,7 @@ def test_overlap_is_measured_on_both_sides():
     cache = kv_cache_data(6, 1, 4, 512, 64, seed=1)
 
     async def body():
-        async with tcp_pair(shaper=TokenBucket(gbit(0.05))) as (client, server):
+        async with tcp_pair(shaper=TokenBucket(gbps(0.05))) as (client, server):
             sent, (got, received) = await asyncio.gather(client.send_kv("r", RAW.encode_stream(cache)), server.recv_kv())
             assert same(got, cache)
             assert sent.shaper == "token-bucket" and sent.overlap_s > 0 and received.overlap_s > 0
@@ -410,7 +410,7 @@ def test_a_slow_transfer_does_not_hold_up_the_others():
         async with served(handler) as server:
             port = server.port
             started = time.monotonic()
-            await asyncio.gather(client("slow", slow_cache, shaper=TokenBucket(gbit(0.016))), silent(),
+            await asyncio.gather(client("slow", slow_cache, shaper=TokenBucket(gbps(0.016))), silent(),
                                  *(client(f"fast{i}", fast_cache) for i in range(3)))  # fmt: skip
             slow = finished["slow"] - started
             assert slow > 0.7
@@ -448,7 +448,7 @@ def test_the_sender_learns_why_the_receiver_refused():
     cache = kv_cache_data(8, 1, 2, 256, 64)  # 8 x 256 KiB raw: 1.7 s at 10 Mbit/s
 
     async def body():
-        async with tcp_pair(shaper=TokenBucket(gbit(0.01))) as (client, server):
+        async with tcp_pair(shaper=TokenBucket(gbps(0.01))) as (client, server):
             receiving = asyncio.ensure_future(server.recv_kv(expect={"head_dim": 128}))
             started = time.monotonic()
             with pytest.raises(PeerError) as told:
@@ -465,7 +465,7 @@ def test_a_cancelled_transfer_closes_the_connection():
     cache = kv_cache_data(4, 1, 4, 256, 64)  # 1 MiB raw: 0.8 s at 10 Mbit/s
 
     async def body():
-        async with tcp_pair(shaper=TokenBucket(gbit(0.01))) as (client, server):
+        async with tcp_pair(shaper=TokenBucket(gbps(0.01))) as (client, server):
             sending = asyncio.ensure_future(client.send_kv("r", RAW.encode_stream(cache)))
             receiving = asyncio.ensure_future(server.recv_kv())
             await asyncio.sleep(0.2)

@@ -33,7 +33,7 @@ from .transport import (
     TransferStats,
     cleanup_stale_namespaces,
     connect,
-    gbit,
+    gbps,
     kernel_shaping_status,
     start_server,
 )
@@ -52,7 +52,7 @@ __all__ = [
     "cleanup_stale_namespaces",
     "connect",
     "ensure_secret_file",
-    "gbit",
+    "gbps",
     "generate_secret",
     "kernel_shaping_status",
     "load_secret",

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..errors import BackendUnavailable, ShapingUnavailable
 from . import auth
-from .transport import Netns, gbit, kernel_shaping_status
+from .transport import Netns, gbps, kernel_shaping_status
 
 SHAPERS = ("auto", "tbf", "token-bucket", "none")
 
@@ -153,7 +153,7 @@ class Cluster:
             allowed, why = kernel_shaping_status()
             if allowed:
                 self.netns = Netns().create()
-                self.netns.shape(gbit(c.gbps))
+                self.netns.shape(gbps(c.gbps))
                 self.shaper = "tbf"
                 return ["--initial-gbps", str(c.gbps)]
             if c.shaper == "tbf":

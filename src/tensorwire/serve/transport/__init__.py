@@ -14,7 +14,7 @@
 from .connection import Connection, ConnectionOptions
 from .link import EmulatedLink
 from .netns import Netns, cleanup_stale_namespaces, kernel_shaping_status
-from .shaping import TokenBucket, TraceRate, gbit, to_gbit
+from .shaping import TokenBucket, TraceRate, gbps, to_gbps
 from .stats import TransferStats
 from .tcp import Server, connect, start_server
 
@@ -29,8 +29,8 @@ __all__ = [
     "TransferStats",
     "cleanup_stale_namespaces",
     "connect",
-    "gbit",
+    "gbps",
     "kernel_shaping_status",
     "start_server",
-    "to_gbit",
+    "to_gbps",
 ]

@@ -2,7 +2,7 @@
 
 ::
 
-    with EmulatedLink(gbit(1)) as link:                  # or trace=..., step_s=..., scale=...
+    with EmulatedLink(gbps(1)) as link:                  # or trace=..., step_s=..., scale=...
         server = await link.start_server(handler, secret=secret)
         conn = await link.connect(server.port, secret=secret)
         ...                                             # link.shaper: "tbf" or "token-bucket"
@@ -36,7 +36,7 @@ class EmulatedLink:
     Parameters
     ----------
     rate
-        Bytes per second (:func:`~.shaping.gbit` converts); ignored with ``trace``.
+        Bytes per second (:func:`~.shaping.gbps` converts); ignored with ``trace``.
     trace, step_s, scale
         Follow a bandwidth trace live: value ``i`` times ``scale`` from ``i * step_s`` s on.
     burst

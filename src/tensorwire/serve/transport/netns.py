@@ -120,7 +120,7 @@ class Netns:
     Examples
     --------
     >>> with Netns() as ns:                                     # doctest: +SKIP
-    ...     ns.shape(gbit(1))
+    ...     ns.shape(gbps(1))
     ...     server = await start_server(handler, sock=ns.listen_socket(), link="tbf")
     ...     conn = await connect("127.0.0.1", server.port, sock=ns.socket(), link="tbf")
     """

@@ -22,22 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ...control.latency_model import gbps, to_gbps
 from ...control.traces import Trace
 
-__all__ = ["TokenBucket", "TraceRate", "default_burst", "gbit", "to_gbit"]
+__all__ = ["TokenBucket", "TraceRate", "default_burst", "gbps", "to_gbps"]
 
 MIN_BURST = 64 << 10
 BURST_SECONDS = 0.002  # credit for 2 ms at the peak rate: enough to absorb the event loop's timer slack
-
-
-def gbit(gbit_s: float) -> float:
-    """Bytes per second of a rate in Gbit/s (decimal: 1 Gbit/s = 125e6 bytes/s)."""
-    return gbit_s * 1e9 / 8
-
-
-def to_gbit(rate: float) -> float:
-    """Gbit/s of a rate in bytes per second."""
-    return rate * 8 / 1e9
 
 
 def default_burst(peak_rate: float) -> int:
@@ -82,7 +73,7 @@ class TokenBucket:
     Parameters
     ----------
     rate
-        Bytes per second (``math.inf``: no pacing, only ``rtt_s``). :func:`gbit` converts.
+        Bytes per second (``math.inf``: no pacing, only ``rtt_s``). :func:`gbps` converts.
     burst
         Credit in bytes; default :func:`default_burst` of the (peak) rate.
     rtt_s
@@ -92,7 +83,7 @@ class TokenBucket:
 
     Examples
     --------
-    >>> bucket = TokenBucket(gbit(0.1))                    # 100 Mbit/s
+    >>> bucket = TokenBucket(gbps(0.1))                    # 100 Mbit/s
     >>> bucket = TokenBucket.from_trace(trace, step_s=0.5, scale=0.01)  # doctest: +SKIP
     """
 
@@ -186,4 +177,4 @@ class TokenBucket:
 
     def __repr__(self) -> str:
         following = f", following {self._trace.trace.name!r}" if self._trace is not None else ""
-        return f"TokenBucket({to_gbit(self.rate):.4g} Gbit/s, burst={self.burst}, rtt_s={self.rtt_s:g}{following})"
+        return f"TokenBucket({to_gbps(self.rate):.4g} Gbit/s, burst={self.burst}, rtt_s={self.rtt_s:g}{following})"

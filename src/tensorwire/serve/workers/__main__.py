@@ -28,7 +28,7 @@ from ...kv.profiles import ProfileLibrary
 from .. import auth
 from ..calibration import calibrate, warm
 from ..engine import Engine
-from ..transport import Netns, TokenBucket, connect, gbit, start_server
+from ..transport import Netns, TokenBucket, connect, gbps, start_server
 from .decode import DecodeWorker
 from .prefill import RAW_PIPELINE, Peer, PrefillWorker
 
@@ -121,14 +121,14 @@ def _prefill(args: argparse.Namespace, engine: Engine):
         warm([p.pipeline for p in library if p.name not in missing], cache)
     else:
         library = calibrate(library, cache, log=log.info)
-    rate = gbit(args.gbps) if args.gbps else None
+    rate = gbps(args.gbps) if args.gbps else None
     bucket = None
     if args.trace:
         bucket = TokenBucket.from_trace(make_trace(args.trace, 200), args.trace_step_s, scale=args.trace_scale,
                                         rtt_s=args.rtt_ms / 1e3)  # fmt: skip
     elif rate or args.rtt_ms:
         bucket = TokenBucket(rate or math.inf, rtt_s=args.rtt_ms / 1e3)
-    initial = gbit(args.initial_gbps) if args.initial_gbps else (bucket.rate if bucket and math.isfinite(bucket.rate) else None)
+    initial = gbps(args.initial_gbps) if args.initial_gbps else (bucket.rate if bucket and math.isfinite(bucket.rate) else None)
     controller = Controller(library, initial_bandwidth_bps=initial)
     # KVServe's rule, for requests that name it (control.policy): benchmarks run both side by side.
     alternatives = {"kvserve-rule": KVServeRule(library, initial_bandwidth_bps=initial)}
