@@ -49,6 +49,7 @@ from ..errors import (
 from ..kv import payload as kv_payload
 
 __all__ = [
+    "json_safe",
     "MAGIC",
     "VERSION",
     "SUPPORTED_VERSIONS",
@@ -224,6 +225,18 @@ def parse_frames(data: bytes | bytearray | memoryview, max_payload: int = DEFAUL
 
 
 # -- JSON payloads ---------------------------------------------------------------------------
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON has no NaN or infinity, and an
+    infinite SLO or budget means "none", which is what null says."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def json_payload(obj: Any) -> bytes:
     """Compact UTF-8 JSON; NaN and infinities are refused (they are not JSON)."""
     try:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -62,6 +61,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...errors import BackendError, InvalidRequest, RequestTooLarge, TooManyRequests
+from ..protocol import json_safe
 from .backend import Backend, BackendHealth, Finished, GenerationRequest, Prefilled, Tokens
 from .metrics import CONTENT_TYPE_LATEST, Metrics, reason_class
 from .schemas import (
@@ -91,19 +91,8 @@ HEALTH_TIMEOUT_S = 5.0
 
 
 # -- JSON and errors ------------------------------------------------------------------------------
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN or infinity: they become null (an infinite SLO or budget: none)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _dumps(obj: Any) -> str:
-    return json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str)
+    return json.dumps(json_safe(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str)
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -9,19 +9,15 @@ request's work on the workers (they see the peer go and stop).
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from ...errors import BackendError, BackendUnavailable, TensorwireError
 from ..http.backend import BackendHealth, Finished, GenerationEvent, GenerationRequest, HFTokenizer, Prefilled, Tokens
+from ..protocol import json_safe
 from ..transport import connect
 
 __all__ = ["WorkerBackend"]
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 class WorkerBackend:
@@ -56,9 +52,9 @@ class WorkerBackend:
             await conn.send_message({
                 "type": "generate", "id": request.request_id, "prompt_ids": list(request.prompt_token_ids),
                 "sampling": request.sampling.to_dict(),
-                "control": {"compression": kv.compression, "slo_s": _finite(kv.slo_s),
-                            "max_ppl_increase": _finite(kv.max_ppl_increase),
-                            "max_retrieval_drop": _finite(kv.max_retrieval_drop), "workload": kv.workload,
+                "control": {"compression": kv.compression, "slo_s": json_safe(kv.slo_s),
+                            "max_ppl_increase": json_safe(kv.max_ppl_increase),
+                            "max_retrieval_drop": json_safe(kv.max_retrieval_drop), "workload": kv.workload,
                             "policy": kv.policy},
             })  # fmt: skip
             while True:

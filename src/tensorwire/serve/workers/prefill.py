@@ -42,6 +42,7 @@ from ...errors import PeerError, TensorwireError
 from ...kv.pipeline import Pipeline
 from ...kv.presets import PRESETS
 from ..engine import Engine, SamplingParams
+from ..protocol import json_safe
 from ..transport.tcp import Connection
 from . import try_send
 
@@ -278,7 +279,7 @@ class _Relay:
 
     async def message(self, message: dict[str, Any]) -> None:
         try:
-            await self.front.send_message(_json_safe(message))
+            await self.front.send_message(json_safe(message))
         except (OSError, TensorwireError) as exc:
             raise FrontEndGone(str(exc)) from exc
 
@@ -321,17 +322,6 @@ def _forced(decision: Decision, name: str, policy: BasePolicy, context: RequestC
                          f"quality budget); it may use: {', '.join([RAW, *allowed])}")  # fmt: skip
     return dataclasses.replace(decision, choice=name, profile=profile,
                                reason=f"forced by the request; the policy would pick {decision.choice}: {decision.reason}")
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as None (JSON has no inf or NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _limit(value: Any) -> float:
