@@ -7,8 +7,8 @@
 A prefill worker and a decode worker (each its own process, ``tensorwire.serve.cluster``)
 serve an open-loop Poisson stream of requests built from real text (prompts of 512-4096
 tokens, 32-128 greedy output tokens) over a link shaped by ``tc tbf`` in a network
-namespace (fixed rates) or by the sender's token bucket (bandwidth traces, which tbf
-cannot follow live). Every policy gets the same workload (the same prompts, lengths and
+namespace (fixed rates) or by the prefill worker's token bucket (bandwidth traces: a
+cluster shapes tbf at one rate). Every policy gets the same workload (the same prompts, lengths and
 arrival times) on the same link, one policy after the other:
 
 * ``raw``: every cache uncompressed (bf16, as the server holds it);

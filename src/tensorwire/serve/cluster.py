@@ -34,8 +34,7 @@ from typing import Any
 from ..errors import BackendUnavailable, ShapingUnavailable
 from . import auth
 from .transport import Netns, gbps, kernel_shaping_status
-
-SHAPERS = ("auto", "tbf", "token-bucket", "none")
+from .transport.link import SHAPERS
 
 __all__ = ["Cluster", "ClusterConfig", "WorkerProcess"]
 
