@@ -1,0 +1,316 @@
+"""The KV pool: prefix blocks of compressed KV cache in Redis, found by a hash chain.
+
+A prompt is cut into blocks of ``block_tokens`` tokens. Block ``i``'s identity is a hash
+chain: ``h_0`` covers the pool's format, the model, the tokenizer and the tenant;
+``h_i = sha256(h_{i-1} || token ids of block i)``, so it names the whole prefix up to and
+including the block. Its key adds the pipeline that encoded it:
+``tw:pool:<tenant tag>:<h_i>:<pipeline tag>``. Its value is the self-describing KV payload
+(docs/FORMAT.md section 6) of that block's cache, all layers, with the tokens' original
+positions, so the per-layer checksums guard it and a reused block continues at the right
+RoPE positions.
+
+* :meth:`KVPool.lookup` finds the longest stored prefix in one round trip (a pipelined
+  STRLEN of every block under every pipeline the pool stores with) and returns the keys
+  and their sizes, which is what the fetch-or-recompute decision needs.
+* :meth:`KVPool.fetch` gets them in one MGET and decodes them into one cache. A value
+  that is gone (evicted since the lookup), damaged, or not the block its key names ends the
+  prefix there; a bad value's key is deleted. It never returns a wrong cache.
+* :meth:`KVPool.store` writes blocks with ``SET NX`` (atomic: two writers of one block
+  leave one whole value, never a mixed one) and a TTL.
+
+Pipelines with a token selector are not pool pipelines: a selector decides what matters in
+a whole context, and a block stored by itself would keep its own "sinks" and windows.
+
+Tenants: ``tenant`` (a tag derived from the client's API key, or ``"shared"`` where the
+deployment shares prefixes across tenants) is part of both the chain and the key, so one
+tenant's prefix never serves another's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ...errors import TensorwireError, require
+from ...kv.pipeline import Pipeline
+from ...kv.stage import KVCacheData, KVLayer
+
+__all__ = ["KVPool", "PoolHit", "PoolStats", "pipeline_tag", "tenant_tag"]
+
+log = logging.getLogger("tensorwire.serve.pool")
+
+FORMAT = b"tensorwire-pool/1"
+KEY_PREFIX = "tw:pool:"
+
+
+def tenant_tag(api_key: str | None) -> str:
+    """The namespace of a client: a hash of its API key (never the key itself), or "anonymous"."""
+    if not api_key:
+        return "anonymous"
+    return hashlib.sha256(b"tensorwire-tenant/1" + api_key.encode()).hexdigest()[:16]
+
+
+def pipeline_tag(config: Mapping[str, Any]) -> str:
+    """A short, stable name of a pipeline config (its canonical JSON, hashed)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PoolHit:
+    """The longest stored prefix of a prompt: ``keys[i]`` holds block ``i``, ``sizes[i]`` its bytes."""
+
+    block_tokens: int
+    keys: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
+    pipelines: tuple[str, ...] = ()  # each block's pipeline tag
+
+    @property
+    def blocks(self) -> int:
+        return len(self.keys)
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.block_tokens
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(self.sizes))
+
+    def truncated(self, blocks: int) -> PoolHit:
+        return PoolHit(self.block_tokens, self.keys[:blocks], self.sizes[:blocks], self.pipelines[:blocks])
+
+
+@dataclass
+class PoolStats:
+    """Counters of one pool client (the worker's ``/metrics`` and ``tensorwire pool stats`` read them)."""
+
+    lookups: int = 0
+    hit_blocks: int = 0
+    missed_blocks: int = 0
+    fetched_bytes: int = 0
+    stored_blocks: int = 0
+    stored_bytes: int = 0
+    stored_tokens: int = 0
+    already_stored: int = 0
+    bad_values: int = 0
+    evicted_before_fetch: int = 0
+    errors: int = 0
+    decisions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hit_blocks + self.missed_blocks
+        return self.hit_blocks / total if total else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.stored_bytes / self.stored_tokens if self.stored_tokens else 0.0
+
+
+class KVPool:
+    """Prefix blocks of one model in one Redis (see the module docstring).
+
+    Parameters
+    ----------
+    client : redis.Redis
+        With its connection pool (``RedisServer.client()``).
+    model_id, tokenizer_id : str
+        What the chain's root covers: a block of another model or tokenizer is another key.
+    pipelines : mapping of name to pipeline config
+        What the pool stores with and looks up (selector-free; raw included as the caller wishes).
+    expect : mapping
+        The cache shape a stored value must have (``Engine.expect``).
+    block_tokens : int
+        Tokens per block.
+    ttl_s : int
+        Seconds a stored block lives (refreshed by nothing; Redis's eviction may end it sooner).
+    """
+
+    def __init__(self, client: Any, *, model_id: str, tokenizer_id: str, pipelines: Mapping[str, Mapping[str, Any]],
+                 expect: Mapping[str, int], block_tokens: int = 256, ttl_s: int = 24 * 3600):  # fmt: skip
+        if int(block_tokens) < 1:
+            raise ValueError(f"block_tokens is >= 1, got {block_tokens!r}")
+        for name, config in pipelines.items():
+            if Pipeline.from_config(dict(config)).selector is not None:
+                raise ValueError(f"pipeline {name!r} selects tokens; a pool block must keep all of its tokens")
+        self.client = client
+        self.model_id, self.tokenizer_id = model_id, tokenizer_id
+        self.block_tokens = int(block_tokens)
+        self.ttl_s = int(ttl_s)
+        self.expect = dict(expect)
+        self.pipelines = {name: dict(config) for name, config in pipelines.items()}
+        self._tags = {pipeline_tag(config): name for name, config in self.pipelines.items()}
+        self.stats = PoolStats()
+        self._redis_errors = require("redis").RedisError
+
+    # -- keys --------------------------------------------------------------------------------
+    def chain(self, token_ids: Sequence[int], tenant: str) -> list[str]:
+        """The hash of every full block of ``token_ids`` (block ``i``: the prefix through it)."""
+        h = hashlib.sha256(b"\0".join([FORMAT, self.model_id.encode(), self.tokenizer_id.encode(), tenant.encode()]))
+        digest = h.digest()
+        out = []
+        ids = np.asarray(token_ids, dtype="<i4")
+        for i in range(len(ids) // self.block_tokens):
+            digest = hashlib.sha256(digest + ids[i * self.block_tokens:(i + 1) * self.block_tokens].tobytes()).digest()
+            out.append(digest.hex()[:40])
+        return out
+
+    def key(self, tenant: str, block_hash: str, tag: str) -> str:
+        return f"{KEY_PREFIX}{tenant}:{block_hash}:{tag}"
+
+    # -- lookup and fetch --------------------------------------------------------------------
+    def lookup(self, token_ids: Sequence[int], tenant: str) -> PoolHit:
+        """The longest prefix of full blocks stored under any pool pipeline (one round trip);
+        no hit when Redis cannot be reached (the request prefills, as without a pool)."""
+        try:
+            return self._lookup(token_ids, tenant)
+        except self._redis_errors as exc:
+            self._failed("lookup", exc)
+            return PoolHit(self.block_tokens)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.stats.errors += 1
+        log.warning("pool %s failed (%s: %s); going on without the pool", what, type(exc).__name__, exc)
+
+    def _lookup(self, token_ids: Sequence[int], tenant: str) -> PoolHit:
+        self.stats.lookups += 1
+        hashes = self.chain(token_ids, tenant)
+        tags = list(self._tags)
+        if not hashes or not tags:
+            return PoolHit(self.block_tokens)
+        pipe = self.client.pipeline(transaction=False)
+        for h in hashes:
+            for tag in tags:
+                pipe.strlen(self.key(tenant, h, tag))
+        sizes = pipe.execute()
+        keys, found, used = [], [], []
+        for i, h in enumerate(hashes):
+            row = sizes[i * len(tags):(i + 1) * len(tags)]
+            stored = [(int(n), tag) for n, tag in zip(row, tags) if int(n) > 0]
+            if not stored:
+                break
+            n, tag = min(stored)  # the smallest copy: the fastest to fetch
+            keys.append(self.key(tenant, h, tag))
+            found.append(n)
+            used.append(tag)
+        self.stats.hit_blocks += len(keys)
+        self.stats.missed_blocks += len(hashes) - len(keys)
+        return PoolHit(self.block_tokens, tuple(keys), tuple(found), tuple(used))
+
+    def fetch(self, hit: PoolHit) -> tuple[KVCacheData | None, PoolHit]:
+        """The cache of ``hit``'s blocks (one MGET), and the part of ``hit`` it covers.
+
+        The prefix ends at the first block that is gone, damaged, or not the block its key
+        names (a damaged one's key is deleted): the caller prefills from there.
+        """
+        if not hit.blocks:
+            return None, hit
+        try:
+            values = self.client.mget(list(hit.keys))
+        except self._redis_errors as exc:
+            self._failed("fetch", exc)
+            return None, hit.truncated(0)
+        blocks: list[KVCacheData] = []
+        for i, value in enumerate(values):
+            if value is None:
+                self.stats.evicted_before_fetch += 1
+                break
+            try:
+                blocks.append(self._decode_block(value, i))
+            except (TensorwireError, ValueError) as exc:
+                self.stats.bad_values += 1
+                log.warning("pool block %s is unusable (%s: %s); deleted, recomputed", hit.keys[i], type(exc).__name__, exc)
+                try:
+                    self.client.delete(hit.keys[i])
+                except self._redis_errors as gone:
+                    self._failed("delete", gone)
+                break
+        kept = hit.truncated(len(blocks))
+        self.stats.fetched_bytes += kept.nbytes
+        return (concat(blocks) if blocks else None), kept
+
+    def _decode_block(self, value: bytes, index: int) -> KVCacheData:
+        data = Pipeline.decode_data(value, expect=self.expect)
+        start, end = index * self.block_tokens, (index + 1) * self.block_tokens
+        want = np.arange(start, end)
+        for layer in data.layers:
+            positions = layer.positions
+            if positions.shape[-1] != self.block_tokens or not np.array_equal(positions[0, 0], want):
+                raise ValueError(f"the value holds positions {positions[0, 0, :1].tolist()}..{positions.shape[-1]} tokens, "
+                                 f"not block {index} (tokens {start}..{end - 1})")  # fmt: skip
+        if data.seq_len != end:
+            raise ValueError(f"the value continues at position {data.seq_len}, block {index} ends at {end}")
+        return data
+
+    # -- store ---------------------------------------------------------------------------------
+    def store(self, token_ids: Sequence[int], cache: KVCacheData, tenant: str, pipeline: str,
+              start_block: int = 0) -> int:  # fmt: skip
+        """Store the full blocks of ``cache`` (the cache of ``token_ids``) from ``start_block``
+        on, encoded with the pool pipeline ``pipeline``; returns the bytes written.
+
+        A block already stored under that pipeline is left as it is (``SET NX``)."""
+        config = self.pipelines[pipeline]
+        tag = pipeline_tag(config)
+        codec = Pipeline.from_config(config)
+        hashes = self.chain(token_ids[:cache.seq_len], tenant)
+        written = 0
+        pipe = self.client.pipeline(transaction=False)
+        sizes = []
+        for i in range(start_block, len(hashes)):
+            value = codec.encode(block_of(cache, i, self.block_tokens))
+            pipe.set(self.key(tenant, hashes[i], tag), value, nx=True, ex=self.ttl_s)
+            sizes.append(len(value))
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except self._redis_errors as exc:
+            self._failed("store", exc)
+            return 0
+        for ok, size in zip(results, sizes):
+            if isinstance(ok, Exception):  # e.g. OOM under a noeviction policy: the block is not stored
+                self._failed("store", ok)
+            elif ok:
+                written += size
+                self.stats.stored_blocks += 1
+                self.stats.stored_tokens += self.block_tokens
+                self.stats.stored_bytes += size
+            else:
+                self.stats.already_stored += 1
+        return written
+
+    def clear(self, tenant: str | None = None) -> int:
+        """Delete every block (of ``tenant`` only, when given); returns how many."""
+        pattern = f"{KEY_PREFIX}{tenant}:*" if tenant else f"{KEY_PREFIX}*"
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += self.client.delete(*batch)
+                batch.clear()
+        if batch:
+            deleted += self.client.delete(*batch)
+        return deleted
+
+
+def block_of(cache: KVCacheData, index: int, block_tokens: int) -> KVCacheData:
+    """Block ``index`` of a full (unselected) cache: its tokens' keys, values and positions."""
+    lo, hi = index * block_tokens, (index + 1) * block_tokens
+    layers = [KVLayer(np.ascontiguousarray(layer.keys[:, :, lo:hi]), np.ascontiguousarray(layer.values[:, :, lo:hi]),
+                      np.ascontiguousarray(layer.positions[:, :, lo:hi])) for layer in cache.layers]  # fmt: skip
+    return KVCacheData(layers, seq_len=hi, dtype=cache.dtype)
+
+
+def concat(blocks: Sequence[KVCacheData]) -> KVCacheData:
+    """Consecutive blocks as one cache."""
+    layers = []
+    for parts in zip(*(b.layers for b in blocks)):
+        layers.append(KVLayer(np.concatenate([p.keys for p in parts], axis=2), np.concatenate([p.values for p in parts], axis=2),
+                              np.concatenate([p.positions for p in parts], axis=2)))  # fmt: skip
+    return KVCacheData(layers, seq_len=blocks[-1].seq_len, dtype=blocks[0].dtype)
