@@ -242,7 +242,7 @@ def summarise(rows: list[dict[str, Any]], reference: dict[str, Any], requests: l
         profiles[row.get("profile") or "raw"] = profiles.get(row.get("profile") or "raw", 0) + 1
     return {
         "requests": len(rows), "failed": len(rows) - len(ok),
-        "jct_s": _stats(jct), "ttft_s": _stats(ttft), "tpot_s": _stats(tpot),
+        "jct_s": _stats(jct), "ttft_s": _stats(ttft), "tpot_s": _stats(tpot), "kv_move_s": _stats(kv_move),
         "slo_attainment": float(np.mean([t <= slo_s for t in kv_move])) if ok else None,
         "kv_bytes_sent": int(sum(row.get("kv_bytes_sent") or 0 for row in ok)),
         "kv_bytes_raw": int(sum(row.get("kv_bytes_raw") or 0 for row in ok)),
@@ -263,39 +263,49 @@ def summarise(rows: list[dict[str, Any]], reference: dict[str, Any], requests: l
 
 
 def hindsight(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """The best fixed policy by mean JCT, and the per-request oracle over the fixed policies."""
+    """The best fixed policy and the per-request oracle over the fixed policies (raw and each
+    static profile), both by the KV move, the part of a request a policy decides: JCT also
+    holds prefill and generation, whose run-to-run noise on a shared 2-core machine (TPOT
+    varies by about 20 % between runs) a minimum over seven runs would pick up as gain."""
     fixed = {p: rows for p, rows in runs.items() if p == "raw" or p.startswith("static:")}
     complete = {p: rows for p, rows in fixed.items() if all("jct_s" in row for row in rows)}
     if not complete:
         return {}
-    best = min(complete, key=lambda p: np.mean([row["jct_s"] for row in complete[p]]))
+
+    def move(row):
+        return row["timings"].get("kv_latency_s", 0.0)
+
+    best = min(complete, key=lambda p: np.mean([move(row) for row in complete[p]]))
     n = len(next(iter(complete.values())))
     oracle = []
     for i in range(n):
-        p = min(complete, key=lambda q: complete[q][i]["jct_s"])
+        p = min(complete, key=lambda q: move(complete[q][i]))
         oracle.append({**complete[p][i], "oracle_choice": p})
     return {"best_static": best, "oracle_rows": oracle}
 
 
 def targets(link_results: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, measured (None where the run lacks the link)."""
+    """The issue's targets, measured (JCT and the KV move; links without both policies are left out)."""
     out: dict[str, Any] = {}
 
-    def jct(rows, longest=False):
+    def mean(rows, key, longest=False):
         rows = [r for r in rows if "jct_s" in r]
         if longest:
             top = max(r["prompt_tokens"] for r in rows)
             rows = [r for r in rows if r["prompt_tokens"] == top]
-        return float(np.mean([r["jct_s"] for r in rows]))
+        return float(np.mean([r["jct_s"] if key == "jct" else r["timings"].get("kv_latency_s", 0.0) for r in rows]))
 
     for link, res in link_results.items():
         runs = res["runs"]
         if "controller" not in runs or "raw" not in runs:
             continue
-        entry = {"controller_vs_raw_jct": jct(runs["raw"]) / jct(runs["controller"]),
-                 "controller_vs_raw_jct_longest_prompts": jct(runs["raw"], True) / jct(runs["controller"], True)}  # fmt: skip
+        c, r = runs["controller"], runs["raw"]
+        entry = {"controller_vs_raw_jct": mean(r, "jct") / mean(c, "jct"),
+                 "controller_vs_raw_jct_longest_prompts": mean(r, "jct", True) / mean(c, "jct", True),
+                 "controller_vs_raw_kv_move": mean(r, "move") / mean(c, "move")}  # fmt: skip
         if res.get("oracle_rows"):
-            entry["controller_vs_oracle_jct"] = jct(runs["controller"]) / jct(res["oracle_rows"])
+            entry["controller_vs_oracle_jct"] = mean(c, "jct") / mean(res["oracle_rows"], "jct")
+            entry["controller_vs_oracle_kv_move"] = mean(c, "move") / mean(res["oracle_rows"], "move")
         out[link] = entry
     return out
 
@@ -308,20 +318,22 @@ def short(policy: str) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{'link':<11}{'policy':<26}{'JCT mean':>9}{'p99':>7}{'TTFT':>7}{'TPOT ms':>8}{'SLO':>5}"
-             f"{'MB sent':>9}{'agree':>6}{'ppl+%':>6}"]  # fmt: skip
+    lines = [f"{'link':<11}{'policy':<22}{'JCT':>7}{'p99':>6}{'TTFT':>6}{'KV mv':>6}{'TPOT':>5}{'SLO':>5}"
+             f"{'MB':>6}{'agr':>5}{'ppl%':>6}"]  # fmt: skip
     for link, res in result["links"].items():
         for policy, s in res["summary"].items():
             if s["jct_s"] is None:
                 lines.append(f"{link:<11}{short(policy):<26} all {s['failed']} failed")
                 continue
             mark = " *" if policy == res.get("best_static") else ""
-            lines.append(f"{link:<11}{short(policy) + mark:<26}{s['jct_s']['mean']:>8.2f}s{s['jct_s']['p99']:>6.1f}s"
-                         f"{s['ttft_s']['mean']:>6.2f}s{(s['tpot_s'] or {}).get('mean', math.nan) * 1e3:>8.0f}"
-                         f"{s['slo_attainment']:>5.0%}{s['kv_bytes_sent'] / 1e6:>9.1f}{s['token_agreement']:>6.0%}"
+            lines.append(f"{link:<11}{short(policy)[:20] + mark:<22}{s['jct_s']['mean']:>7.1f}{s['jct_s']['p99']:>6.1f}"
+                         f"{s['ttft_s']['mean']:>6.1f}{s['kv_move_s']['mean']:>6.2f}"
+                         f"{(s['tpot_s'] or {}).get('mean', math.nan) * 1e3:>5.0f}"
+                         f"{s['slo_attainment']:>5.0%}{s['kv_bytes_sent'] / 1e6:>6.0f}{s['token_agreement']:>5.0%}"
                          f"{s['ppl_increase'] * 100:>6.2f}")  # fmt: skip
-    lines.append("* best static in hindsight; oracle: per request the best fixed choice; SLO: KV move within "
-                 f"{result['config']['slo_s']:g} s")  # fmt: skip
+    lines.append("seconds (JCT, p99, TTFT, KV move), TPOT in ms, MB on the wire; agr: first 32 tokens as local;")
+    lines.append("ppl%: held-back continuation. * best static and oracle (per request): by KV move, in hindsight;")
+    lines.append(f"SLO: KV move within {result['config']['slo_s']:g} s")
     lines.append("")
     lines.append(f"{'link':<11}{'where the time goes (controller), s:':<40}{'prefill':>8}{'KV move':>8}{'(wire)':>7}"
                  f"{'queue':>7}{'generate':>9}")  # fmt: skip
@@ -333,10 +345,10 @@ def format_table(result: dict[str, Any]) -> str:
                              f"{b['queue_other']:>7.2f}{b['generation']:>9.2f}")  # fmt: skip
     lines.append("")
     for link, t in result["targets"].items():
-        parts = [f"JCT raw/controller {t['controller_vs_raw_jct']:.2f}x (longest prompts "
-                 f"{t['controller_vs_raw_jct_longest_prompts']:.2f}x)"]  # fmt: skip
+        parts = [f"raw/controller: JCT {t['controller_vs_raw_jct']:.2f}x ({t['controller_vs_raw_jct_longest_prompts']:.2f}x "
+                 f"longest), KV move {t['controller_vs_raw_kv_move']:.2f}x"]  # fmt: skip
         if "controller_vs_oracle_jct" in t:
-            parts.append(f"controller/oracle {t['controller_vs_oracle_jct']:.3f}")
+            parts.append(f"controller/oracle: JCT {t['controller_vs_oracle_jct']:.2f}, KV move {t['controller_vs_oracle_kv_move']:.2f}")
         lines.append(f"{link:<11}" + "; ".join(parts))
     return "\n".join(lines)
 
@@ -398,6 +410,31 @@ def load_sweep(ids: list[int], args, base: ClusterConfig, log) -> list[dict[str,
     return rows
 
 
+def resummarise(path: Path, ids: list[int]) -> int:
+    """Recompute the summaries, targets, table and plot of a results file from its requests
+    (the workload is rebuilt from the same text and seed, for the fidelity references)."""
+    result = json.loads(path.read_text())
+    c = result["config"]
+    requests = workload(ids, c["requests"], c["rate_per_s"], c["seed"])
+    if [len(r.prompt) for r in requests] != c["prompt_tokens"]:
+        raise SystemExit(f"{path}: the text does not rebuild the workload of this run")
+    reference = fidelity_reference(requests, ProfileLibrary.load(result["library"]["path"]), path.parent / "fidelity-cache.json",
+                                   print)  # fmt: skip
+    for res in result["links"].values():
+        res.pop("best_static", None), res.pop("oracle_rows", None)
+        res.update(hindsight(res["runs"]))
+        res["summary"] = {policy: summarise(rows, reference, requests, result["config"]["slo_s"]) for policy, rows in res["runs"].items()}
+        if res.get("oracle_rows"):
+            res["summary"]["oracle"] = summarise(res["oracle_rows"], reference, requests, result["config"]["slo_s"])
+    result["targets"] = targets(result["links"])
+    path.write_text(json.dumps(result, indent=1))
+    table = format_table(result)
+    path.with_suffix(".txt").write_text(table + "\n")
+    plot(result, path.with_suffix(".png"))
+    print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", type=Path, required=True, help="real text to build prompts from (WikiText-2 raw test)")
@@ -415,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-rates", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     p.add_argument("--load-requests", type=int, default=8)
     p.add_argument("--name", help="results/<name>.json and .png (default: serve, serve-quick or load)")
+    p.add_argument("--from-json", type=Path, help="summarise, tabulate and plot a results file again (same --text)")
     args = p.parse_args(argv)
 
     started = time.time()
@@ -427,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     from tensorwire.models import smollm2_folder
 
     ids = AutoTokenizer.from_pretrained(smollm2_folder())(args.text.read_text()).input_ids
+    if args.from_json:
+        return resummarise(args.from_json, ids)
     library = ProfileLibrary.load(args.library)
     base = ClusterConfig(decode_workers=1, shaper=args.shaper, library=str(args.library), peer_timeout_s=120.0)
     out = HERE / "results"
@@ -454,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     result["config"] = {"links": list(links), "requests": n, "rate_per_s": args.rate, "slo_s": args.slo_s,
                         "policies": policies, "seed": args.seed, "budget": BUDGET, "trace_scale": TRACE_SCALE,
                         "cluster": asdict(base), "prompt_tokens": [len(r.prompt) for r in requests],
+                        "prompt_keys": [r.key for r in requests],
                         "max_tokens": [r.max_tokens for r in requests], "arrivals_s": [r.arrival_s for r in requests],
                         "label": f"{n} requests per policy, Poisson {args.rate:.3g}/s, prompts 512-4096"}  # fmt: skip
     log(f"{n} requests, prompts {sorted(len(r.prompt) for r in requests)}; fidelity references first")
