@@ -52,6 +52,11 @@ class ClusterConfig:
     (connecting, handshake, transfer, tokens) before it retries the request elsewhere
     (``--peer-timeout-s``); keep it above the longest pause a busy decode worker makes
     between two tokens. ``env`` is added to the workers' environment.
+
+    ``pool``: start a Redis KV pool of ``pool_maxmemory`` (``RedisServer``) for the prefill
+    worker, with ``pool_block_tokens``-token blocks; ``pool_shared`` lets every tenant's
+    prefixes serve every tenant; ``pool_gbps`` is the prefill worker's first estimate of the
+    pool link.
     """
 
     decode_workers: int = 1
@@ -69,6 +74,11 @@ class ClusterConfig:
     start_timeout_s: float = 300.0
     peer_timeout_s: float = 30.0
     env: dict[str, str] = field(default_factory=dict)
+    pool: bool = False
+    pool_block_tokens: int = 256
+    pool_maxmemory: str = "1gb"
+    pool_shared: bool = False
+    pool_gbps: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.peer_timeout_s > 0:
@@ -136,6 +146,7 @@ class Cluster:
         self.decode: list[WorkerProcess] = []
         self.prefill: WorkerProcess | None = None
         self.decode_addresses: list[str] = []  # where the prefill worker sends requests
+        self.redis = None  # the KV pool's RedisServer, with config.pool
         self._shaping: list[str] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="tensorwire-cluster-")
         self.log_dir = Path(self._tmp.name)
@@ -205,7 +216,7 @@ class Cluster:
         if not addresses:
             raise ValueError("the prefill worker needs at least one decode worker address (start_decode first)")
         try:
-            argv = [*self._command("prefill"), "--port", str(c.prefill_port), *self._shaping]
+            argv = [*self._command("prefill"), "--port", str(c.prefill_port), *self._shaping, *self._start_pool()]
             argv += [arg for address in addresses for arg in ("--decode", address)]
             argv += ["--rtt-ms", str(c.rtt_ms)] if c.rtt_ms else []
             argv += [] if c.calibrate else ["--no-calibrate"]
@@ -217,6 +228,27 @@ class Cluster:
             raise
         self.decode_addresses = addresses
         return self.prefill
+
+    def _start_pool(self) -> list[str]:
+        """Start the pool's Redis (config.pool); returns the prefill worker's pool arguments."""
+        c = self.config
+        if not c.pool:
+            return []
+        from .pool import RedisServer
+
+        self.redis = RedisServer(maxmemory=c.pool_maxmemory).start()
+        password = self.log_dir / "pool-password"
+        password.touch(mode=0o600)
+        password.write_text(self.redis.password)
+        argv = ["--pool", f"{self.redis.host}:{self.redis.port}", "--pool-password-file", str(password),
+                "--pool-block-tokens", str(c.pool_block_tokens), "--pool-gbps", str(c.pool_gbps)]  # fmt: skip
+        return argv + (["--pool-shared"] if c.pool_shared else [])
+
+    def pool_client(self):
+        """A ``redis.Redis`` on the cluster's pool (``tensorwire pool stats``, tests)."""
+        if self.redis is None:
+            raise BackendUnavailable("the cluster has no KV pool (ClusterConfig(pool=True))")
+        return self.redis.client()
 
     def _command(self, role: str) -> list[str]:
         c = self.config
@@ -247,6 +279,9 @@ class Cluster:
                 codes[f"decode-{i}"] = worker.stop(timeout)
         finally:
             try:
+                if self.redis is not None:
+                    self.redis.stop()
+                    self.redis = None
                 if self.netns is not None:
                     self.netns.close()
                     self.netns = None
@@ -279,6 +314,9 @@ def serve_forever(config: ClusterConfig, *, http_host: str = "127.0.0.1", http_p
 
     library = ProfileLibrary.load(config.library or SMOLLM2_LIBRARY)
     with Cluster(config) as cluster:
+        if cluster.redis is not None:
+            print(f"KV pool: {cluster.redis.url} (password in {cluster.log_dir / 'pool-password'}; "
+                  f"tensorwire pool stats --url {cluster.redis.url} --password-file ...)", file=sys.stderr, flush=True)  # fmt: skip
         app = create_app(cluster.backend(tokenizer(), profiles=library.names), model_name=SMOLLM2_NAME,
                          max_context=max_context, defaults=defaults)  # fmt: skip
         serve(app, host=http_host, port=http_port)  # uvicorn returns on SIGINT or SIGTERM; then the workers stop

@@ -148,6 +148,10 @@ class Prefilled:
     timings : mapping of str to float
         Seconds spent in named phases (``queue_s``, ``prefill_s``, ``encode_s``,
         ``transfer_s``, ``decode_s``, ...); shown to the client as is.
+    pool : mapping or None
+        What the KV pool did (``hit_tokens``, ``decision``: ``"fetch"``, ``"recompute"`` or
+        ``"miss"``, ``reason``, ``fetched_tokens``, ``fetched_bytes``, ``fetch_s``); None
+        without a pool.
     """
 
     profile: str | None = None
@@ -155,6 +159,7 @@ class Prefilled:
     kv_bytes_raw: int = 0
     kv_bytes_sent: int = 0
     timings: Mapping[str, float] = field(default_factory=dict)
+    pool: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class WorkerBackend:
             kv = request.kv
             await conn.send_message({
                 "type": "generate", "id": request.request_id, "prompt_ids": list(request.prompt_token_ids),
+                "tenant": request.tenant,
                 "sampling": request.sampling.to_dict(),
                 "control": {"compression": kv.compression, "slo_s": json_safe(kv.slo_s),
                             "max_ppl_increase": json_safe(kv.max_ppl_increase),
@@ -67,9 +68,10 @@ class WorkerBackend:
                     # What the cache went through, which is not the decision's choice after a
                     # raw resend (None: it did not move); a prefill worker without the field: the choice.
                     profile = message["profile"] if "profile" in message else decision.get("choice")
+                    pool = message.get("pool")
                     yield Prefilled(profile, decision, int(message.get("kv_bytes_raw") or 0),
-                                    int(message.get("kv_bytes_sent") or 0),
-                                    message.get("timings", {}))  # fmt: skip
+                                    int(message.get("kv_bytes_sent") or 0), message.get("timings", {}),
+                                    pool if isinstance(pool, dict) else None)  # fmt: skip
                 elif kind == "done":
                     yield Finished(message.get("finish_reason", "stop"), {"attempts": message.get("attempts", [])})
                     return
