@@ -119,13 +119,16 @@ class GenerationRequest:
 
     ``request_id`` is unique per server (``cmpl-...`` / ``chatcmpl-...``, the response's
     ``id``); use it in logs and on the wire. ``prompt_token_ids`` is the whole prompt
-    (chat requests: after the chat template, generation prompt included).
+    (chat requests: after the chat template, generation prompt included). ``tenant`` is
+    the client's namespace in a KV pool (:func:`~tensorwire.serve.auth.tenant_tag` of its
+    API key): one tenant's stored prefixes never serve another's.
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     kv: KVOptions = field(default_factory=KVOptions)
+    tenant: str = "anonymous"
 
 
 # -- the events ------------------------------------------------------------------------------------
