@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-block-tokens", type=int, default=256, help="tokens per pool block (default 256)")
     p.add_argument("--pool-maxmemory", default="1gb", help="the pool's Redis maxmemory (LRU eviction; default 1gb)")
     p.add_argument("--pool-shared", action="store_true", help="stored prefixes serve every tenant (default: per API key)")
-    p.add_argument("--pool-gbps", type=float, default=1.0, help="the pool link's speed until fetches measure it")
+    p.add_argument("--pool-gbps", type=float, default=None, help="shape the pool link to this rate (tbf, where allowed)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pool", help="the KV pool's Redis: what it holds (stats), or empty it (clear)")

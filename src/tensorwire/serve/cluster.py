@@ -55,8 +55,10 @@ class ClusterConfig:
 
     ``pool``: start a Redis KV pool of ``pool_maxmemory`` (``RedisServer``) for the prefill
     worker, with ``pool_block_tokens``-token blocks; ``pool_shared`` lets every tenant's
-    prefixes serve every tenant; ``pool_gbps`` is the prefill worker's first estimate of the
-    pool link.
+    prefixes serve every tenant. ``pool_gbps``: the pool link's rate, shaped by tbf in a
+    network namespace of its own (the Redis server runs in it, the prefill worker's pool
+    sockets are made in it) where that is allowed, and the worker's first estimate of it;
+    None: unshaped loopback (a sender-side token bucket cannot pace a real Redis's replies).
     """
 
     decode_workers: int = 1
@@ -78,7 +80,7 @@ class ClusterConfig:
     pool_block_tokens: int = 256
     pool_maxmemory: str = "1gb"
     pool_shared: bool = False
-    pool_gbps: float = 1.0
+    pool_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if not self.peer_timeout_s > 0:
@@ -147,6 +149,8 @@ class Cluster:
         self.prefill: WorkerProcess | None = None
         self.decode_addresses: list[str] = []  # where the prefill worker sends requests
         self.redis = None  # the KV pool's RedisServer, with config.pool
+        self.pool_netns: Netns | None = None  # the pool link's namespace (tbf), with config.pool_gbps
+        self.pool_shaper = "none"
         self._shaping: list[str] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="tensorwire-cluster-")
         self.log_dir = Path(self._tmp.name)
@@ -236,12 +240,22 @@ class Cluster:
             return []
         from .pool import RedisServer
 
-        self.redis = RedisServer(maxmemory=c.pool_maxmemory).start()
+        argv: list[str] = []
+        if c.pool_gbps is not None:
+            argv += ["--pool-gbps", str(c.pool_gbps)]
+            allowed, why = kernel_shaping_status()
+            if allowed:
+                self.pool_netns = Netns().create()
+                self.pool_netns.shape(gbps(c.pool_gbps))
+                self.pool_shaper = "tbf"
+                argv += ["--pool-netns", self.pool_netns.name]
+        self.redis = RedisServer(maxmemory=c.pool_maxmemory,
+                                 netns=self.pool_netns.name if self.pool_netns else None).start()  # fmt: skip
         password = self.log_dir / "pool-password"
         password.touch(mode=0o600)
         password.write_text(self.redis.password)
-        argv = ["--pool", f"{self.redis.host}:{self.redis.port}", "--pool-password-file", str(password),
-                "--pool-block-tokens", str(c.pool_block_tokens), "--pool-gbps", str(c.pool_gbps)]  # fmt: skip
+        argv += ["--pool", f"{self.redis.host}:{self.redis.port}", "--pool-password-file", str(password),
+                 "--pool-block-tokens", str(c.pool_block_tokens)]  # fmt: skip
         return argv + (["--pool-shared"] if c.pool_shared else [])
 
     def pool_client(self):
@@ -282,6 +296,9 @@ class Cluster:
                 if self.redis is not None:
                     self.redis.stop()
                     self.redis = None
+                if self.pool_netns is not None:
+                    self.pool_netns.close()
+                    self.pool_netns = None
                 if self.netns is not None:
                     self.netns.close()
                     self.netns = None

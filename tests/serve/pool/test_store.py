@@ -184,3 +184,23 @@ def test_the_pool_command_reports_and_clears(server, pool, tmp_path, capsys):
     assert "deleted 3 blocks" in capsys.readouterr().out and pool.lookup(ids, "t").blocks == 0
     assert main(["pool", "stats", "--url", url]) == 1  # no password: a named error, not a traceback
     assert "BackendUnavailable" in capsys.readouterr().err
+
+
+def test_a_redis_in_a_shaped_namespace_is_read_at_the_link_rate():
+    from tensorwire.control.latency_model import gbps
+    from tensorwire.serve.transport import Netns, kernel_shaping_status
+
+    allowed, why = kernel_shaping_status()
+    if not allowed:
+        pytest.skip(f"tc tbf is not allowed here: {why}")
+    import time
+
+    with Netns() as ns:
+        ns.shape(gbps(0.1))
+        with RedisServer(netns=ns.name) as shaped:
+            client = shaped.client()
+            client.set("k", b"x" * 2_000_000)
+            began = time.perf_counter()
+            assert len(client.get("k")) == 2_000_000
+            seconds = time.perf_counter() - began
+    assert seconds > 0.5 * 2_000_000 / gbps(0.1)  # never faster than the link allows (0.16 s at 0.1 Gbit/s)

@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--pool", metavar="HOST:PORT", help="a Redis KV pool: reuse stored prefixes, store new blocks")
     g.add_argument("--pool-password-file", help="the pool's Redis password (a 0600 file)")
     g.add_argument("--pool-block-tokens", type=int, default=256, help="tokens per pool block")
-    g.add_argument("--pool-gbps", type=float, default=1.0, help="the pool link's speed until fetches measure it")
+    g.add_argument("--pool-gbps", type=float, default=10.0, help="the pool link's speed until fetches measure it")
+    g.add_argument("--pool-netns", help="make the pool's sockets in this network namespace (its shaped link)")
     g.add_argument("--pool-shared", action="store_true", help="prefixes serve every tenant (default: per API key)")
     g.add_argument("--peer-timeout-s", type=_seconds, default=PEER_TIMEOUT_S,
                    help="idle seconds before a decode worker that sends (or reads) nothing is given up and the "
@@ -164,16 +165,13 @@ def _prefill(args: argparse.Namespace, engine: Engine):
 
 def _pool(args: argparse.Namespace, engine: Engine, library: ProfileLibrary, cache) -> PoolSession:
     """The prefill worker's KV pool on the Redis at ``--pool`` (its profiles: the selector-free ones)."""
-    from ...errors import require
     from ...search.objectives import measure_codec
-    from ..pool import KVPool
+    from ..pool import KVPool, redis_client
     from ..pool.session import pool_library
 
-    redis = require("redis")
     host, port = _host_port(args.pool)
     password = Path(args.pool_password_file).read_text().strip() if args.pool_password_file else None
-    client = redis.Redis(connection_pool=redis.ConnectionPool(host=host, port=port, password=password, socket_timeout=5.0,
-                                                              socket_connect_timeout=2.0))  # fmt: skip
+    client = redis_client(host, port, password, netns=args.pool_netns)
     profiles = pool_library(library)
     pool = KVPool(client, model_id=engine.name, tokenizer_id=engine.tokenizer.name_or_path or engine.name,
                   pipelines={RAW: RAW_PIPELINE, **{p.name: p.pipeline for p in profiles}}, expect=engine.expect,
