@@ -95,7 +95,10 @@ class KVOptions:
     allowed (0.01 = +1 %) and ``max_retrieval_drop`` the retrieval accuracy points that
     may be lost (``inf``: no limit). ``workload`` is the controller's workload class.
     ``policy`` names the policy that decides (None: the backend's controller; a prefill
-    worker also holds ``"kvserve-rule"``), for benchmarks that compare them.
+    worker also holds ``"kvserve-rule"``), for benchmarks that compare them. With a KV
+    pool, ``pool_fetch`` is ``"auto"`` (fetch what beats prefilling), ``"always"`` or
+    ``"never"``, and ``pool_store`` ``"auto"`` (the pool's controller picks the profile),
+    ``"raw"``, a profile name or ``"none"``.
     """
 
     compression: str = AUTO
@@ -104,6 +107,8 @@ class KVOptions:
     max_retrieval_drop: float = math.inf
     workload: str = "default"
     policy: str | None = None
+    pool_fetch: str = "auto"
+    pool_store: str = "auto"
 
     def context(self, tokens: int, *, bandwidth_bps: float | None = None, request_id: int | None = None) -> RequestContext:
         """The controller's :class:`~tensorwire.control.context.RequestContext` for a cache of

@@ -23,10 +23,12 @@ from ...control.bandwidth import BandwidthEstimator
 from ...kv.pipeline import Pipeline
 from ...kv.profiles import ProfileLibrary
 from ...kv.stage import KVCacheData
-from .decide import PrefillSpeed, plan_fetch
+from .decide import FetchPlan, PrefillSpeed, plan_fetch
 from .store import KVPool, pipeline_tag
 
-__all__ = ["PoolSession", "pool_library"]
+__all__ = ["FETCH_MODES", "PoolSession", "pool_library"]
+
+FETCH_MODES = ("auto", "always", "never")
 
 
 def pool_library(library: ProfileLibrary) -> ProfileLibrary:
@@ -65,14 +67,24 @@ class PoolSession:
     def block_raw_bytes(self) -> int:
         return self.pool.block_tokens * self.bytes_per_token
 
-    def prefix(self, prompt: list[int], tenant: str) -> tuple[KVCacheData | None, dict[str, Any]]:
-        """The cache of the longest stored prefix worth fetching (or None), and what happened."""
+    def prefix(self, prompt: list[int], tenant: str, fetch: str = "auto") -> tuple[KVCacheData | None, dict[str, Any]]:
+        """The cache of the longest stored prefix worth fetching (or None), and what happened.
+
+        ``fetch``: ``"auto"`` (the plan decides), ``"always"`` (every stored block; for
+        benchmarks) or ``"never"`` (the pool is not read).
+        """
+        if fetch not in FETCH_MODES:
+            raise ValueError(f"pool fetch is one of {FETCH_MODES}, got {fetch!r}")
+        if fetch == "never":
+            return None, {"hit_tokens": 0, "decision": "off", "reason": "the request does not read the pool"}
         cached = prompt[:-1]
         began = time.perf_counter()
         hit = self.pool.lookup(cached, tenant)
         plan = plan_fetch(hit, len(cached), bandwidth_bps=self.bandwidth.estimate or math.inf,
                           decode_bps=self.decode_bps, block_raw_bytes=self.block_raw_bytes,
                           prefill=self.prefill_speed, rtt_s=self.rtt_s)  # fmt: skip
+        if fetch == "always" and hit.blocks:
+            plan = FetchPlan(hit.blocks, plan.predicted_s, f"fetch all {hit.blocks} blocks: forced by the request")
         info: dict[str, Any] = {"hit_tokens": hit.tokens, "decision": "fetch" if plan.fetch else
                                 ("recompute" if hit.blocks else "miss"), "reason": plan.reason}  # fmt: skip
         self.pool.stats.decisions[info["decision"]] = self.pool.stats.decisions.get(info["decision"], 0) + 1
@@ -90,18 +102,26 @@ class PoolSession:
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         self.prefill_speed.observe(tokens, seconds)
 
-    def store(self, prompt: list[int], data: KVCacheData, tenant: str, *, from_tokens: int,
+    def store(self, prompt: list[int], data: KVCacheData, tenant: str, *, from_tokens: int, profile: str = "auto",
               max_ppl_increase: float = math.inf, max_retrieval_drop: float = math.inf) -> int:  # fmt: skip
-        """Store the full blocks of ``data`` after the first ``from_tokens`` (already stored); returns bytes written."""
+        """Store the full blocks of ``data`` after the first ``from_tokens`` (already stored); returns bytes written.
+
+        ``profile``: ``"auto"`` (the pool's controller picks), ``"raw"`` or a pool profile
+        (forced), ``"none"`` (store nothing)."""
+        if profile == "none":
+            return 0
+        if profile != "auto" and profile not in self.pool.pipelines:
+            raise ValueError(f"pool profile {profile!r} is not one of the pool's: {', '.join(self.pool.pipelines)}")
         first = from_tokens // self.pool.block_tokens
         blocks = data.seq_len // self.pool.block_tokens - first
         if blocks <= 0 or any(layer.keys.shape[2] != data.seq_len for layer in data.layers):
             return 0  # nothing new, or a cache that is not whole (a pool block keeps every token)
-        decision = self.controller.choose(RequestContext(kv_bytes=blocks * self.block_raw_bytes,
-                                                         max_ppl_increase=max_ppl_increase,
-                                                         max_retrieval_drop=max_retrieval_drop,
-                                                         bandwidth_bps=self.bandwidth.estimate))  # fmt: skip
-        return self.pool.store(prompt[:-1], data, tenant, decision.choice, start_block=first)
+        if profile == "auto":
+            profile = self.controller.choose(RequestContext(kv_bytes=blocks * self.block_raw_bytes,
+                                                            max_ppl_increase=max_ppl_increase,
+                                                            max_retrieval_drop=max_retrieval_drop,
+                                                            bandwidth_bps=self.bandwidth.estimate)).choice  # fmt: skip
+        return self.pool.store(prompt[:-1], data, tenant, profile, start_block=first)
 
     def __repr__(self) -> str:
         return f"<PoolSession {self.pool.block_tokens}-token blocks, {len(self.decode_bps)} pipelines>"

@@ -56,7 +56,7 @@ class WorkerBackend:
                 "control": {"compression": kv.compression, "slo_s": json_safe(kv.slo_s),
                             "max_ppl_increase": json_safe(kv.max_ppl_increase),
                             "max_retrieval_drop": json_safe(kv.max_retrieval_drop), "workload": kv.workload,
-                            "policy": kv.policy},
+                            "policy": kv.policy, "pool": {"fetch": kv.pool_fetch, "store": kv.pool_store}},
             })  # fmt: skip
             while True:
                 message = await conn.recv_message()

@@ -144,8 +144,13 @@ class PrefillWorker:
         policy = self._policy(request)
         tenant = "shared" if self.shared_pool else str(request.get("tenant") or "anonymous")
         prefix, pool_info = None, None
+        pool_control = (request.get("control") or {}).get("pool") or {}
+        store = pool_control.get("store", "auto")
+        if self.pool is not None and store not in ("auto", "none", *self.pool.pool.pipelines):
+            raise ValueError(f"pool store {store!r} is not auto, none or one of the pool's: {', '.join(self.pool.pool.pipelines)}")
         if self.pool is not None and len(prompt) > 1:
-            prefix, pool_info = await loop.run_in_executor(None, self.pool.prefix, prompt, tenant)
+            fetch = str(pool_control.get("fetch", "auto"))
+            prefix, pool_info = await loop.run_in_executor(None, self.pool.prefix, prompt, tenant, fetch)
         reused = prefix.seq_len if prefix is not None else 0
         began = time.perf_counter()
         data = await loop.run_in_executor(None, self.engine.prefill, prompt, self.observe_window, prefix)
@@ -178,6 +183,7 @@ class PrefillWorker:
     def _store_later(self, prompt: list[int], data, tenant: str, reused: int, control: dict[str, Any]) -> None:
         """Put the prompt's new blocks in the pool in a thread; the answer has gone already."""
         store = functools.partial(self.pool.store, prompt, data, tenant, from_tokens=reused,
+                                  profile=str((control.get("pool") or {}).get("store", "auto")),
                                   max_ppl_increase=_limit(control.get("max_ppl_increase")),
                                   max_retrieval_drop=_limit(control.get("max_retrieval_drop")))  # fmt: skip
         future = asyncio.get_running_loop().run_in_executor(None, store)
