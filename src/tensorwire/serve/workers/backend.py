@@ -90,7 +90,8 @@ class WorkerBackend:
                 await conn.close()
         except (OSError, TensorwireError) as exc:
             return BackendHealth(ready=False, workers={"prefill": {"up": False}}, detail=str(exc))
-        workers: dict[str, dict[str, Any]] = {"prefill": {"up": True, "in_flight": state.get("in_flight")}}
+        workers: dict[str, dict[str, Any]] = {"prefill": {"up": True, "in_flight": state.get("in_flight"),
+                                                          "pool_stores": state.get("pool_stores")}}  # fmt: skip
         for peer in state.get("peers", []):
             workers[f"decode {peer['host']}:{peer['port']}"] = {"up": peer.get("failures", 0) == 0, **peer}
         return BackendHealth(ready=True, workers=workers)

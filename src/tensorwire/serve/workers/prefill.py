@@ -118,7 +118,7 @@ class PrefillWorker:
         self.in_flight += 1
         try:
             if request.get("type") == "health":
-                await front.send_message({"type": "health", "in_flight": self.in_flight - 1,
+                await front.send_message({"type": "health", "in_flight": self.in_flight - 1, "pool_stores": len(self._stores),
                                           "peers": [dataclasses.asdict(p) for p in self.peers]})  # fmt: skip
                 return
             if request.get("type") != "generate":
