@@ -162,10 +162,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ClusterConfig(decode_workers=args.decode_workers, gbps=args.gbps, trace=args.trace,
                            trace_step_s=args.trace_step_s, trace_scale=args.trace_scale, rtt_ms=args.rtt_ms,
-                           shaper=args.shaper, library=args.library, secret_file=args.secret_file)  # fmt: skip
+                           shaper=args.shaper, library=args.library, secret_file=args.secret_file, pool=args.pool,
+                           pool_block_tokens=args.pool_block_tokens, pool_maxmemory=args.pool_maxmemory,
+                           pool_shared=args.pool_shared, pool_gbps=args.pool_gbps)  # fmt: skip
     defaults = ServerDefaults(compression=args.compression, slo_ms=args.slo_ms, max_ppl_increase=args.max_ppl,
                               max_retrieval_drop=args.max_drop)  # fmt: skip
     serve_forever(config, http_host=args.host, http_port=args.port, defaults=defaults)
+    return 0
+
+
+def cmd_pool(args: argparse.Namespace) -> int:
+    import os
+
+    from .errors import BackendUnavailable, require
+    from .serve.pool import clear_pool, pool_stats
+
+    redis = require("redis")
+    password = Path(args.password_file).read_text().strip() if args.password_file else os.environ.get("TENSORWIRE_POOL_PASSWORD")
+    client = redis.Redis.from_url(args.url, password=password, socket_timeout=5.0, socket_connect_timeout=2.0)
+    try:
+        if args.pool_cmd == "clear":
+            print(f"deleted {clear_pool(client, args.tenant)} blocks")
+            return 0
+        stats = pool_stats(client, args.block_tokens)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"the pool at {args.url} cannot be used: {type(exc).__name__}: {exc}") from exc
+    if args.json:
+        print(json.dumps(stats, indent=1))
+    else:
+        for key, value in stats.items():
+            print(f"{key:<18}{value:.4g}" if isinstance(value, float) else f"{key:<18}{value}")
     return 0
 
 
@@ -452,7 +478,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-ms", type=float, default=None, help="default SLO for moving a request's KV cache")
     p.add_argument("--max-ppl", type=float, default=None, help="default quality budget: relative perplexity increase")
     p.add_argument("--max-drop", type=float, default=None, help="default quality budget: retrieval points")
+    p.add_argument("--pool", action="store_true", help="start a Redis KV pool: stored prefixes are fetched, not recomputed")
+    p.add_argument("--pool-block-tokens", type=int, default=256, help="tokens per pool block (default 256)")
+    p.add_argument("--pool-maxmemory", default="1gb", help="the pool's Redis maxmemory (LRU eviction; default 1gb)")
+    p.add_argument("--pool-shared", action="store_true", help="stored prefixes serve every tenant (default: per API key)")
+    p.add_argument("--pool-gbps", type=float, default=None, help="shape the pool link to this rate (tbf, where allowed)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pool", help="the KV pool's Redis: what it holds (stats), or empty it (clear)")
+    pool = p.add_subparsers(dest="pool_cmd", required=True)
+    for name, what in (("stats", "blocks, bytes, tenants, memory, evictions"), ("clear", "delete the pool's blocks")):
+        q = pool.add_parser(name, help=what)
+        q.add_argument("--url", required=True, help="redis://HOST:PORT of the pool (tensorwire serve --pool prints it)")
+        q.add_argument("--password-file", help="its password (default: $TENSORWIRE_POOL_PASSWORD)")
+        q.add_argument("--tenant", help="clear: only this tenant's blocks")
+        q.add_argument("--block-tokens", type=int, default=256, help="stats: tokens per block, for bytes per token")
+        q.add_argument("--json", action="store_true", help="stats: print JSON")
+        q.set_defaults(func=cmd_pool)
     return parser
 
 

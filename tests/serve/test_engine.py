@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from tensorwire.data import SAMPLE_TEXT
 from tensorwire.errors import EvaluationError
 from tensorwire.kv import Pipeline
 from tensorwire.serve.engine import Engine, SamplingParams
@@ -75,3 +77,24 @@ def test_a_prefix_of_delivered_tokens_is_continued_not_repeated(engine):
 def test_a_tiny_temperature_is_greedy():
     assert SamplingParams(max_tokens=1, temperature=1e-30).greedy
     assert not SamplingParams(max_tokens=1, temperature=0.01).greedy
+
+
+def test_prefill_after_a_stored_prefix_continues_at_the_right_positions(engine):
+    """A pool hit: the first blocks come from storage, only the rest runs; same cache, same answer."""
+    from tensorwire.serve.pool.store import block_of, concat
+
+    ids = engine.tokenizer(SAMPLE_TEXT.read_text()).input_ids[:400]
+    full = engine.prefill(ids)
+    prefix = concat([block_of(full, i, 128) for i in range(2)])
+    part = engine.prefill(ids, prefix=prefix)
+    assert part.seq_len == full.seq_len == len(ids) - 1
+    for got, want in zip(part.layers, full.layers):
+        np.testing.assert_array_equal(got.positions, want.positions)
+        np.testing.assert_allclose(got.keys, want.keys, atol=1e-4)  # float32 matmuls of another shape may round apart
+        np.testing.assert_allclose(got.values, want.values, atol=1e-4)
+    sampling = SamplingParams(max_tokens=8, temperature=0)
+    assert list(engine.generate(part, ids[-1], sampling)) == list(engine.generate(full, ids[-1], sampling))
+    whole = concat([block_of(full, 0, len(ids) - 1)])
+    assert engine.prefill(ids, prefix=whole) is whole  # nothing left to run
+    with pytest.raises(EvaluationError, match="longer than"):
+        engine.prefill(ids[:100], prefix=prefix)

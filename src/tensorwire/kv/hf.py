@@ -129,24 +129,43 @@ def _observe(model, window: int) -> Iterator[list]:
             handle.remove()
 
 
-def prefill(model, input_ids, observe_window: int = 0):
+def prefill(model, input_ids, observe_window: int = 0, cache=None):
     """Run the prompt once; returns ``(DynamicCache, Observations or None)``.
 
     With ``observe_window > 0`` the last ``observe_window`` query vectors of every layer
-    are captured on the way (what SnapKV-style selectors score with).
+    are captured on the way (what SnapKV-style selectors score with). With ``cache`` (a
+    :class:`PositionedCache` of the prompt's first tokens, e.g. fetched from a KV pool) only
+    ``input_ids``, the rest of the prompt, run, at the positions that follow the cache's.
     """
     torch = _torch()
     transformers = require("transformers")
     input_ids = torch.as_tensor(input_ids).reshape(1, -1) if not hasattr(input_ids, "ndim") or input_ids.ndim == 1 else input_ids
-    cache = transformers.DynamicCache()
-    kwargs = {"input_ids": input_ids, cache_keyword(model): cache, "use_cache": True}
+    kwargs = {"input_ids": input_ids, "use_cache": True}
+    if cache is None:
+        cache = transformers.DynamicCache()
+    else:
+        start = _next_position(cache)
+        kwargs["position_ids"] = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
+    kwargs[cache_keyword(model)] = cache
     with torch.inference_mode():
         if observe_window > 0:
             with _observe(model, min(observe_window, input_ids.shape[1])) as captured:
                 model(**kwargs)
-            return cache, Observations(list(captured))
-        model(**kwargs)
-    return cache, None
+            observations = Observations(list(captured))
+        else:
+            model(**kwargs)
+            observations = None
+    if "position_ids" in kwargs:
+        _extend_positions(cache, kwargs["position_ids"][0].numpy())
+    return cache, observations
+
+
+def _extend_positions(cache, new_positions: np.ndarray) -> None:
+    """A PositionedCache after a forward pass: the new tokens' positions follow the kept ones."""
+    if getattr(cache, "positions", None) is not None:
+        cache.positions = [np.concatenate([p, np.broadcast_to(new_positions, (*p.shape[:2], new_positions.size))], axis=2)
+                           for p in cache.positions]  # fmt: skip
+    cache.seq_len = int(new_positions[-1]) + 1
 
 
 def cache_to_data(cache, observations: Observations | None = None) -> KVCacheData:

@@ -38,6 +38,7 @@ __all__ = [
     "new_nonce",
     "client_proof",
     "server_proof",
+    "tenant_tag",
     "proof_matches",
 ]
 
@@ -126,3 +127,10 @@ def server_proof(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> byt
 def proof_matches(expected: bytes, got: bytes) -> bool:
     """Constant-time comparison, so the time taken reveals nothing about the expected proof."""
     return hmac.compare_digest(expected, got)
+
+
+def tenant_tag(api_key: str | None) -> str:
+    """The namespace of a client: a hash of its API key (never the key itself), or "anonymous"."""
+    if not api_key:
+        return "anonymous"
+    return hashlib.sha256(b"tensorwire-tenant/1" + api_key.encode()).hexdigest()[:16]

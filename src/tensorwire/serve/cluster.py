@@ -52,6 +52,13 @@ class ClusterConfig:
     (connecting, handshake, transfer, tokens) before it retries the request elsewhere
     (``--peer-timeout-s``); keep it above the longest pause a busy decode worker makes
     between two tokens. ``env`` is added to the workers' environment.
+
+    ``pool``: start a Redis KV pool of ``pool_maxmemory`` (``RedisServer``) for the prefill
+    worker, with ``pool_block_tokens``-token blocks; ``pool_shared`` lets every tenant's
+    prefixes serve every tenant. ``pool_gbps``: the pool link's rate, shaped by tbf in a
+    network namespace of its own (the Redis server runs in it, the prefill worker's pool
+    sockets are made in it) where that is allowed, and the worker's first estimate of it;
+    None: unshaped loopback (a sender-side token bucket cannot pace a real Redis's replies).
     """
 
     decode_workers: int = 1
@@ -69,6 +76,11 @@ class ClusterConfig:
     start_timeout_s: float = 300.0
     peer_timeout_s: float = 30.0
     env: dict[str, str] = field(default_factory=dict)
+    pool: bool = False
+    pool_block_tokens: int = 256
+    pool_maxmemory: str = "1gb"
+    pool_shared: bool = False
+    pool_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if not self.peer_timeout_s > 0:
@@ -136,6 +148,9 @@ class Cluster:
         self.decode: list[WorkerProcess] = []
         self.prefill: WorkerProcess | None = None
         self.decode_addresses: list[str] = []  # where the prefill worker sends requests
+        self.redis = None  # the KV pool's RedisServer, with config.pool
+        self.pool_netns: Netns | None = None  # the pool link's namespace (tbf), with config.pool_gbps
+        self.pool_shaper = "none"
         self._shaping: list[str] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="tensorwire-cluster-")
         self.log_dir = Path(self._tmp.name)
@@ -205,7 +220,7 @@ class Cluster:
         if not addresses:
             raise ValueError("the prefill worker needs at least one decode worker address (start_decode first)")
         try:
-            argv = [*self._command("prefill"), "--port", str(c.prefill_port), *self._shaping]
+            argv = [*self._command("prefill"), "--port", str(c.prefill_port), *self._shaping, *self._start_pool()]
             argv += [arg for address in addresses for arg in ("--decode", address)]
             argv += ["--rtt-ms", str(c.rtt_ms)] if c.rtt_ms else []
             argv += [] if c.calibrate else ["--no-calibrate"]
@@ -217,6 +232,37 @@ class Cluster:
             raise
         self.decode_addresses = addresses
         return self.prefill
+
+    def _start_pool(self) -> list[str]:
+        """Start the pool's Redis (config.pool); returns the prefill worker's pool arguments."""
+        c = self.config
+        if not c.pool:
+            return []
+        from .pool import RedisServer
+
+        argv: list[str] = []
+        if c.pool_gbps is not None:
+            argv += ["--pool-gbps", str(c.pool_gbps)]
+            allowed, why = kernel_shaping_status()
+            if allowed:
+                self.pool_netns = Netns().create()
+                self.pool_netns.shape(gbps(c.pool_gbps))
+                self.pool_shaper = "tbf"
+                argv += ["--pool-netns", self.pool_netns.name]
+        self.redis = RedisServer(maxmemory=c.pool_maxmemory,
+                                 netns=self.pool_netns.name if self.pool_netns else None).start()  # fmt: skip
+        password = self.log_dir / "pool-password"
+        password.touch(mode=0o600)
+        password.write_text(self.redis.password)
+        argv += ["--pool", f"{self.redis.host}:{self.redis.port}", "--pool-password-file", str(password),
+                 "--pool-block-tokens", str(c.pool_block_tokens)]  # fmt: skip
+        return argv + (["--pool-shared"] if c.pool_shared else [])
+
+    def pool_client(self):
+        """A ``redis.Redis`` on the cluster's pool (``tensorwire pool stats``, tests)."""
+        if self.redis is None:
+            raise BackendUnavailable("the cluster has no KV pool (ClusterConfig(pool=True))")
+        return self.redis.client()
 
     def _command(self, role: str) -> list[str]:
         c = self.config
@@ -247,6 +293,12 @@ class Cluster:
                 codes[f"decode-{i}"] = worker.stop(timeout)
         finally:
             try:
+                if self.redis is not None:
+                    self.redis.stop()
+                    self.redis = None
+                if self.pool_netns is not None:
+                    self.pool_netns.close()
+                    self.pool_netns = None
                 if self.netns is not None:
                     self.netns.close()
                     self.netns = None
@@ -279,6 +331,9 @@ def serve_forever(config: ClusterConfig, *, http_host: str = "127.0.0.1", http_p
 
     library = ProfileLibrary.load(config.library or SMOLLM2_LIBRARY)
     with Cluster(config) as cluster:
+        if cluster.redis is not None:
+            print(f"KV pool: {cluster.redis.url} (password in {cluster.log_dir / 'pool-password'}; "
+                  f"tensorwire pool stats --url {cluster.redis.url} --password-file ...)", file=sys.stderr, flush=True)  # fmt: skip
         app = create_app(cluster.backend(tokenizer(), profiles=library.names), model_name=SMOLLM2_NAME,
                          max_context=max_context, defaults=defaults)  # fmt: skip
         serve(app, host=http_host, port=http_port)  # uvicorn returns on SIGINT or SIGTERM; then the workers stop

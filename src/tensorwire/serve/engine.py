@@ -133,17 +133,26 @@ class Engine:
         return {**{k: self.shape[k] for k in ("n_layers", "kv_heads", "head_dim")}, "max_batch": 1,
                 "max_seq_len": self.max_context}  # fmt: skip
 
-    def prefill(self, prompt_ids: Sequence[int], observe_window: int = 0) -> KVCacheData:
+    def prefill(self, prompt_ids: Sequence[int], observe_window: int = 0, prefix: KVCacheData | None = None) -> KVCacheData:
         """The cache of ``prompt_ids[:-1]`` (and its last queries, for SnapKV-style selectors).
 
-        A one-token prompt has an empty cache (no layers, ``seq_len`` 0).
+        ``prefix``: the cache of the prompt's first ``prefix.seq_len`` tokens (from a KV
+        pool); only the rest is run, at the positions after it. A one-token prompt has an
+        empty cache (no layers, ``seq_len`` 0).
         """
         if len(prompt_ids) < 1:
             raise EvaluationError("a prompt needs at least one token")
+        start = prefix.seq_len if prefix is not None and prefix.layers else 0
+        if start > len(prompt_ids) - 1:
+            raise EvaluationError(f"a prefix of {start} tokens is longer than the {len(prompt_ids) - 1} tokens to cache")
         if len(prompt_ids) == 1:
             return KVCacheData([], seq_len=0)
+        if start == len(prompt_ids) - 1:
+            return prefix  # nothing left to run (and no queries to observe)
         with self._lock:
-            cache, observations = hf.prefill(self.model, list(prompt_ids[:-1]), observe_window=observe_window)
+            cache = hf.data_to_cache(prefix) if start else None
+            cache, observations = hf.prefill(self.model, list(prompt_ids[start:-1]), observe_window=observe_window,
+                                             cache=cache)  # fmt: skip
             return hf.cache_to_data(cache, observations)
 
     def generate(self, data: KVCacheData, last_token: int, sampling: SamplingParams,

@@ -99,6 +99,16 @@ def test_tensorwire_options_reach_the_backend_and_are_echoed(client, fake_backen
                                                         "max_retrieval_drop": 1.5, "workload": "rag"}  # fmt: skip
 
 
+def test_the_api_key_names_the_tenant_never_itself(client, fake_server, fake_backend):
+    from tensorwire.serve.auth import tenant_tag
+
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)  # the client sends "Bearer test-key"
+    assert fake_backend.requests[-1].tenant == tenant_tag("test-key") != "test-key"
+    assert tenant_tag("other-key") != tenant_tag("test-key")
+    httpx.post(fake_server.url + "/v1/completions", json=completion(), timeout=10)  # no Authorization header
+    assert fake_backend.requests[-1].tenant == "anonymous"
+
+
 def test_server_defaults_apply():
     backend = FakeBackend()
     defaults = ServerDefaults(completion_max_tokens=3, slo_ms=50, max_ppl_increase=0.01, compression="raw", temperature=0.0)

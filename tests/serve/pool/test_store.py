@@ -164,3 +164,43 @@ def test_redis_down_means_no_hit_and_no_error():
 def test_a_pipeline_that_selects_tokens_is_not_a_pool_pipeline(server):
     with pytest.raises(ValueError, match="selects tokens"):
         KVPool(server.client(), model_id="m", tokenizer_id="t", pipelines={"s": PRESETS["streaming-0.5"]}, expect=SHAPE)
+
+
+def test_the_pool_command_reports_and_clears(server, pool, tmp_path, capsys):
+    import json
+
+    from tensorwire.cli import main
+
+    ids = list(range(3 * BLOCK))
+    pool.store(ids, cache_of(len(ids)), "t", "lossless")
+    secret = tmp_path / "pool-password"
+    secret.write_text(server.password)
+    url = f"redis://{server.host}:{server.port}"
+    assert main(["pool", "stats", "--url", url, "--password-file", str(secret), "--block-tokens", str(BLOCK), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["blocks"] == 3 and stats["tenants"] == 1 and stats["stored_bytes"] == pool.stats.stored_bytes
+    assert stats["bytes_per_token"] == pytest.approx(pool.stats.stored_bytes / (3 * BLOCK))
+    assert main(["pool", "clear", "--url", url, "--password-file", str(secret)]) == 0
+    assert "deleted 3 blocks" in capsys.readouterr().out and pool.lookup(ids, "t").blocks == 0
+    assert main(["pool", "stats", "--url", url]) == 1  # no password: a named error, not a traceback
+    assert "BackendUnavailable" in capsys.readouterr().err
+
+
+def test_a_redis_in_a_shaped_namespace_is_read_at_the_link_rate():
+    from tensorwire.control.latency_model import gbps
+    from tensorwire.serve.transport import Netns, kernel_shaping_status
+
+    allowed, why = kernel_shaping_status()
+    if not allowed:
+        pytest.skip(f"tc tbf is not allowed here: {why}")
+    import time
+
+    with Netns() as ns:
+        ns.shape(gbps(0.1))
+        with RedisServer(netns=ns.name) as shaped:
+            client = shaped.client()
+            client.set("k", b"x" * 2_000_000)
+            began = time.perf_counter()
+            assert len(client.get("k")) == 2_000_000
+            seconds = time.perf_counter() - began
+    assert seconds > 0.5 * 2_000_000 / gbps(0.1)  # never faster than the link allows (0.16 s at 0.1 Gbit/s)

@@ -61,6 +61,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...errors import BackendError, InvalidRequest, RequestTooLarge, TooManyRequests
+from ..auth import tenant_tag
 from ..protocol import json_safe
 from .backend import Backend, BackendHealth, Finished, GenerationRequest, Prefilled, Tokens
 from .metrics import CONTENT_TYPE_LATEST, Metrics, reason_class
@@ -241,6 +242,7 @@ class _Run:
             "jct_s": jct,
             "tpot_s": tpot,
             "timings": {**dict(p.timings), **self.finish_timings},
+            "pool": dict(p.pool) if p.pool is not None else None,
             "request": {
                 "compression": kv.compression,
                 "slo_ms": kv.slo_s * 1e3,
@@ -305,6 +307,12 @@ async def _pieces(backend: Backend, run: _Run) -> AsyncIterator[str]:
 
 # -- the app --------------------------------------------------------------------------------------------
 MAX_BODY_BYTES = 4 << 20  # a full 8k-token context as text or token ids is well under 100 KB
+
+
+def _bearer(request: Request) -> str | None:
+    """The API key of ``Authorization: Bearer KEY`` (the OpenAI clients send it), or None."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -416,7 +424,8 @@ def create_app(
         sampling = sampling_params(body, len(ids), max_context, defaults)
         kv = kv_options(body.tensorwire, defaults, backend.profiles)
         prefix = "chatcmpl" if endpoint == CHAT else "cmpl"
-        greq = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", tuple(ids), sampling, kv)
+        greq = GenerationRequest(f"{prefix}-{uuid.uuid4().hex}", tuple(ids), sampling, kv,
+                                 tenant=tenant_tag(_bearer(request)))  # fmt: skip
         return body, _Run(greq, endpoint, received, TextAssembler(tokenizer, stops))
 
     def record(run: _Run) -> None:
@@ -431,6 +440,8 @@ def create_app(
         p = run.prefilled
         if p is not None:
             metrics.kv(p.profile, p.decision, p.kv_bytes_raw, p.kv_bytes_sent)
+            if p.pool is not None:
+                metrics.pool(p.pool, run.prompt_tokens)
 
     def failed(run: _Run, exc: BaseException) -> None:
         metrics.backend_errors.labels(endpoint=run.endpoint).inc()

@@ -95,7 +95,10 @@ class KVOptions:
     allowed (0.01 = +1 %) and ``max_retrieval_drop`` the retrieval accuracy points that
     may be lost (``inf``: no limit). ``workload`` is the controller's workload class.
     ``policy`` names the policy that decides (None: the backend's controller; a prefill
-    worker also holds ``"kvserve-rule"``), for benchmarks that compare them.
+    worker also holds ``"kvserve-rule"``), for benchmarks that compare them. With a KV
+    pool, ``pool_fetch`` is ``"auto"`` (fetch what beats prefilling), ``"always"`` or
+    ``"never"``, and ``pool_store`` ``"auto"`` (the pool's controller picks the profile),
+    ``"raw"``, a profile name or ``"none"``.
     """
 
     compression: str = AUTO
@@ -104,6 +107,8 @@ class KVOptions:
     max_retrieval_drop: float = math.inf
     workload: str = "default"
     policy: str | None = None
+    pool_fetch: str = "auto"
+    pool_store: str = "auto"
 
     def context(self, tokens: int, *, bandwidth_bps: float | None = None, request_id: int | None = None) -> RequestContext:
         """The controller's :class:`~tensorwire.control.context.RequestContext` for a cache of
@@ -119,13 +124,16 @@ class GenerationRequest:
 
     ``request_id`` is unique per server (``cmpl-...`` / ``chatcmpl-...``, the response's
     ``id``); use it in logs and on the wire. ``prompt_token_ids`` is the whole prompt
-    (chat requests: after the chat template, generation prompt included).
+    (chat requests: after the chat template, generation prompt included). ``tenant`` is
+    the client's namespace in a KV pool (:func:`~tensorwire.serve.auth.tenant_tag` of its
+    API key): one tenant's stored prefixes never serve another's.
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     kv: KVOptions = field(default_factory=KVOptions)
+    tenant: str = "anonymous"
 
 
 # -- the events ------------------------------------------------------------------------------------
@@ -148,6 +156,10 @@ class Prefilled:
     timings : mapping of str to float
         Seconds spent in named phases (``queue_s``, ``prefill_s``, ``encode_s``,
         ``transfer_s``, ``decode_s``, ...); shown to the client as is.
+    pool : mapping or None
+        What the KV pool did (``hit_tokens``, ``decision``: ``"fetch"``, ``"recompute"`` or
+        ``"miss"``, ``reason``, ``fetched_tokens``, ``fetched_bytes``, ``fetch_s``); None
+        without a pool.
     """
 
     profile: str | None = None
@@ -155,6 +167,7 @@ class Prefilled:
     kv_bytes_raw: int = 0
     kv_bytes_sent: int = 0
     timings: Mapping[str, float] = field(default_factory=dict)
+    pool: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

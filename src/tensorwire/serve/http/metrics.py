@@ -89,6 +89,14 @@ class Metrics:
                                  ["profile", "reason"], registry=r)  # fmt: skip
         self.fallbacks = Counter("tensorwire_fallbacks", "Decisions where bad input or an internal error forced raw",
                                  registry=r)  # fmt: skip
+        self.pool_decisions = Counter("tensorwire_pool_decisions", "KV pool outcomes: fetch, recompute (a stored "
+                                      "prefix not worth fetching) or miss", ["decision"], registry=r)  # fmt: skip
+        self.pool_hit_tokens = Counter("tensorwire_pool_hit_tokens", "Prompt tokens found stored in the KV pool", registry=r)
+        self.pool_fetched_tokens = Counter("tensorwire_pool_fetched_tokens", "Prompt tokens fetched from the KV pool",
+                                           registry=r)  # fmt: skip
+        self.pool_fetched_bytes = Counter("tensorwire_pool_fetched_bytes", "Bytes fetched from the KV pool", registry=r)
+        self.pool_prompt_tokens = Counter("tensorwire_pool_prompt_tokens", "Prompt tokens of requests that looked in the "
+                                          "pool (hit rate: hit_tokens / this)", registry=r)  # fmt: skip
         self.backend_errors = Counter("tensorwire_backend_errors", "Backend exceptions (500 or an error event mid-stream)",
                                       ["endpoint"], registry=r)  # fmt: skip
 
@@ -100,6 +108,16 @@ class Metrics:
             self.decisions.labels(profile=str(decision.get("choice", profile or "none")), reason=reason_class(decision)).inc()
             if decision.get("fallback"):
                 self.fallbacks.inc()
+
+    def pool(self, info: Mapping[str, Any], prompt_tokens: int) -> None:
+        """Count one request's KV pool outcome (the ``pool`` object of its Prefilled event)."""
+        self.pool_decisions.labels(decision=str(info.get("decision", "miss"))).inc()
+        self.pool_prompt_tokens.inc(max(0, int(prompt_tokens)))
+        for counter, key in ((self.pool_hit_tokens, "hit_tokens"), (self.pool_fetched_tokens, "fetched_tokens"),
+                             (self.pool_fetched_bytes, "fetched_bytes")):  # fmt: skip
+            value = info.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                counter.inc(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

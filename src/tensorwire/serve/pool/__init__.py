@@ -4,7 +4,8 @@
 PATH); :mod:`.store` keys, stores, finds and fetches prefix blocks (:class:`KVPool`).
 """
 
-from .server import RedisServer, redis_executable
-from .store import KVPool, PoolHit, PoolStats, pipeline_tag, tenant_tag
+from .server import RedisServer, redis_client, redis_executable
+from .store import KVPool, PoolHit, PoolStats, clear_pool, pipeline_tag, pool_stats, tenant_tag
 
-__all__ = ["KVPool", "PoolHit", "PoolStats", "RedisServer", "pipeline_tag", "redis_executable", "tenant_tag"]
+__all__ = ["KVPool", "PoolHit", "PoolStats", "RedisServer", "clear_pool", "pipeline_tag", "pool_stats", "redis_client", "redis_executable",
+           "tenant_tag"]

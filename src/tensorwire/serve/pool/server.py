@@ -6,6 +6,10 @@ runs as its own process, bound to 127.0.0.1 with a password, no persistence (the
 cache: losing it costs recomputation, never an answer), ``maxmemory`` and an eviction
 policy set, in a temporary directory that is removed when it stops.
 
+With ``netns`` (the name of a :class:`~tensorwire.serve.transport.Netns`) the server runs
+inside that network namespace, whose loopback ``tc tbf`` may shape: the pool link. Its
+clients then make their sockets in the namespace too (:func:`redis_client`).
+
 >>> with RedisServer(maxmemory="256mb") as server:       # doctest: +SKIP
 ...     client = server.client()                           # redis.Redis with a connection pool
 """
@@ -22,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BackendUnavailable, require
+from ..transport.netns import Netns
 
-__all__ = ["RedisServer", "redis_executable"]
+__all__ = ["RedisServer", "redis_client", "redis_executable"]
 
 EVICTION_POLICIES = ("allkeys-lru", "allkeys-lfu", "volatile-lru", "noeviction")
 
@@ -45,10 +50,40 @@ def redis_executable() -> str:
                              "Debian's redis-server")  # fmt: skip
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
+def _free_port(host: str, netns: str | None) -> int:
+    with (Netns(netns).listen_socket(host, 0) if netns else socket.create_server((host, 0))) as s:
         return s.getsockname()[1]
+
+
+def redis_client(host: str, port: int, password: str | None, *, netns: str | None = None, **kwargs: Any):
+    """A ``redis.Redis`` with its own connection pool; with ``netns``, its sockets live in that namespace."""
+    redis = require("redis")
+    options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0, **kwargs}
+    if netns:
+        options["connection_class"] = _netns_connection(netns)
+    return redis.Redis(connection_pool=redis.ConnectionPool(host=host, port=port, password=password, **options))
+
+
+def _netns_connection(name: str):
+    redis = require("redis")
+    namespace = Netns(name)
+
+    class NetnsConnection(redis.Connection):
+        """A redis-py connection whose socket is made in a network namespace (the shaped pool link)."""
+
+        def _connect(self):  # redis-py's own resolves and creates the socket here; ours only creates it elsewhere
+            sock = namespace.socket()
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(self.socket_connect_timeout)
+                sock.connect((self.host, self.port))
+                sock.settimeout(self.socket_timeout)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+    return NetnsConnection
 
 
 class RedisServer:
@@ -66,10 +101,13 @@ class RedisServer:
     eviction : str
         ``maxmemory-policy``; ``allkeys-lru`` by default, so a full pool evicts old blocks
         instead of refusing writes.
+    netns : str, optional
+        Run inside this network namespace (see the module docstring).
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, password: str | None = None,
-                 maxmemory: str | int = "512mb", eviction: str = "allkeys-lru", start_timeout_s: float = 10.0):  # fmt: skip
+                 maxmemory: str | int = "512mb", eviction: str = "allkeys-lru", start_timeout_s: float = 10.0,
+                 netns: str | None = None):  # fmt: skip
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction is one of {EVICTION_POLICIES}, got {eviction!r}")
         self.host = host
@@ -78,6 +116,7 @@ class RedisServer:
         self.maxmemory = str(maxmemory)
         self.eviction = eviction
         self.start_timeout_s = start_timeout_s
+        self.netns = netns
         self.proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
 
@@ -92,7 +131,7 @@ class RedisServer:
         executable = redis_executable()
         self._dir = tempfile.TemporaryDirectory(prefix="tensorwire-redis-")
         for attempt in range(5):
-            port = self.port or _free_port(self.host)
+            port = self.port or _free_port(self.host, self.netns)
             # The config goes in a file: a password on the command line shows in `ps`.
             config = Path(self._dir.name) / "redis.conf"
             config.write_text("\n".join([
@@ -101,8 +140,9 @@ class RedisServer:
                 f"dir {self._dir.name}", "daemonize no", "loglevel warning", f"logfile {self._dir.name}/redis.log",
             ]) + "\n")  # fmt: skip
             config.chmod(0o600)
-            self.proc = subprocess.Popen([executable, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         start_new_session=True)  # fmt: skip
+            argv = [executable, str(config)]
+            self.proc = subprocess.Popen(Netns(self.netns).command(argv) if self.netns else argv, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
             if self._wait_ready(port):
                 self.port = port
                 return self
@@ -121,7 +161,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 return False  # exited: most likely the port was taken
             try:
-                client = redis.Redis(host=self.host, port=port, password=self.password, socket_timeout=1.0)
+                client = redis_client(self.host, port, self.password, netns=self.netns, socket_timeout=1.0)
                 try:
                     if client.ping():
                         return True
@@ -132,11 +172,8 @@ class RedisServer:
         return False
 
     def client(self, **kwargs: Any):
-        """A ``redis.Redis`` on this server with its own connection pool."""
-        redis = require("redis")
-        pool = redis.ConnectionPool(host=self.host, port=self.port, password=self.password,
-                                    **{"socket_timeout": 5.0, "socket_connect_timeout": 2.0, **kwargs})  # fmt: skip
-        return redis.Redis(connection_pool=pool)
+        """A ``redis.Redis`` on this server with its own connection pool (in its namespace, if any)."""
+        return redis_client(self.host, self.port, self.password, netns=self.netns, **kwargs)
 
     def _kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -40,20 +40,14 @@ import numpy as np
 from ...errors import TensorwireError, require
 from ...kv.pipeline import Pipeline
 from ...kv.stage import KVCacheData, KVLayer
+from ..auth import tenant_tag
 
-__all__ = ["KVPool", "PoolHit", "PoolStats", "pipeline_tag", "tenant_tag"]
+__all__ = ["KVPool", "PoolHit", "PoolStats", "clear_pool", "pipeline_tag", "pool_stats", "tenant_tag"]
 
 log = logging.getLogger("tensorwire.serve.pool")
 
 FORMAT = b"tensorwire-pool/1"
 KEY_PREFIX = "tw:pool:"
-
-
-def tenant_tag(api_key: str | None) -> str:
-    """The namespace of a client: a hash of its API key (never the key itself), or "anonymous"."""
-    if not api_key:
-        return "anonymous"
-    return hashlib.sha256(b"tensorwire-tenant/1" + api_key.encode()).hexdigest()[:16]
 
 
 def pipeline_tag(config: Mapping[str, Any]) -> str:
@@ -286,17 +280,57 @@ class KVPool:
 
     def clear(self, tenant: str | None = None) -> int:
         """Delete every block (of ``tenant`` only, when given); returns how many."""
-        pattern = f"{KEY_PREFIX}{tenant}:*" if tenant else f"{KEY_PREFIX}*"
-        deleted = 0
-        batch: list[bytes] = []
-        for key in self.client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                deleted += self.client.delete(*batch)
-                batch.clear()
-        if batch:
-            deleted += self.client.delete(*batch)
-        return deleted
+        return clear_pool(self.client, tenant)
+
+
+def _pool_keys(client: Any, tenant: str | None = None):
+    return client.scan_iter(match=f"{KEY_PREFIX}{tenant}:*" if tenant else f"{KEY_PREFIX}*", count=1000)
+
+
+def clear_pool(client: Any, tenant: str | None = None) -> int:
+    """Delete every pool block in ``client``'s Redis (of ``tenant`` only, when given); returns how many."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in _pool_keys(client, tenant):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += client.delete(*batch)
+            batch.clear()
+    if batch:
+        deleted += client.delete(*batch)
+    return deleted
+
+
+def pool_stats(client: Any, block_tokens: int | None = None) -> dict[str, Any]:
+    """What the pool's Redis holds: blocks, their bytes, tenants, memory, evictions, hits."""
+    blocks = stored = 0
+    tenants: set[str] = set()
+    batch: list[bytes] = []
+
+    def flush() -> int:
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.strlen(key)
+        total = sum(int(n) for n in pipe.execute())
+        batch.clear()
+        return total
+
+    for key in _pool_keys(client):
+        blocks += 1
+        tenants.add(key.decode().split(":")[2])
+        batch.append(key)
+        if len(batch) >= 1000:
+            stored += flush()
+    if batch:
+        stored += flush()
+    memory, stats = client.info("memory"), client.info("stats")
+    out = {"blocks": blocks, "stored_bytes": stored, "tenants": len(tenants), "used_memory": int(memory["used_memory"]),
+           "maxmemory": int(memory.get("maxmemory", 0)), "maxmemory_policy": memory.get("maxmemory_policy"),
+           "evicted_keys": int(stats.get("evicted_keys", 0)), "keyspace_hits": int(stats.get("keyspace_hits", 0)),
+           "keyspace_misses": int(stats.get("keyspace_misses", 0))}  # fmt: skip
+    if block_tokens and blocks:
+        out["bytes_per_token"] = stored / (blocks * block_tokens)
+    return out
 
 
 def block_of(cache: KVCacheData, index: int, block_tokens: int) -> KVCacheData:

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ...control import Controller
@@ -30,6 +31,9 @@ from ..calibration import calibrate, warm
 from ..engine import Engine
 from ..transport import Netns, TokenBucket, connect, gbps, start_server
 from .decode import DecodeWorker
+from ...kv.pipeline import Pipeline
+from ...kv.profiles import RAW
+from ..pool.session import PoolSession
 from .prefill import RAW_PIPELINE, Peer, PrefillWorker
 
 log = logging.getLogger("tensorwire.serve.worker")
@@ -66,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time the sender adds per message")
     g.add_argument("--initial-gbps", type=float, help="the controller's first bandwidth estimate (default: --gbps)")
     g.add_argument("--no-calibrate", action="store_true", help="keep the library's offline codec speeds")
+    g.add_argument("--pool", metavar="HOST:PORT", help="a Redis KV pool: reuse stored prefixes, store new blocks")
+    g.add_argument("--pool-password-file", help="the pool's Redis password (a 0600 file)")
+    g.add_argument("--pool-block-tokens", type=int, default=256, help="tokens per pool block")
+    g.add_argument("--pool-gbps", type=float, default=10.0, help="the pool link's speed until fetches measure it")
+    g.add_argument("--pool-netns", help="make the pool's sockets in this network namespace (its shaped link)")
+    g.add_argument("--pool-shared", action="store_true", help="prefixes serve every tenant (default: per API key)")
     g.add_argument("--peer-timeout-s", type=_seconds, default=PEER_TIMEOUT_S,
                    help="idle seconds before a decode worker that sends (or reads) nothing is given up and the "
                         "request retried elsewhere; also bounds connecting and the handshake")  # fmt: skip
@@ -148,7 +158,28 @@ def _prefill(args: argparse.Namespace, engine: Engine):
         return await connect(host, port, **options)
 
     peers = [Peer(*_host_port(a)) for a in args.decode]
-    return PrefillWorker(engine, controller, peers, connect_peer, alternatives=alternatives).handle
+    pool = _pool(args, engine, library, cache) if args.pool else None
+    return PrefillWorker(engine, controller, peers, connect_peer, alternatives=alternatives, pool=pool,
+                         shared_pool=args.pool_shared).handle  # fmt: skip
+
+
+def _pool(args: argparse.Namespace, engine: Engine, library: ProfileLibrary, cache) -> PoolSession:
+    """The prefill worker's KV pool on the Redis at ``--pool`` (its profiles: the selector-free ones)."""
+    from ...search.objectives import measure_codec
+    from ..pool import KVPool, redis_client
+    from ..pool.session import pool_library
+
+    host, port = _host_port(args.pool)
+    password = Path(args.pool_password_file).read_text().strip() if args.pool_password_file else None
+    client = redis_client(host, port, password, netns=args.pool_netns)
+    profiles = pool_library(library)
+    pool = KVPool(client, model_id=engine.name, tokenizer_id=engine.tokenizer.name_or_path or engine.name,
+                  pipelines={RAW: RAW_PIPELINE, **{p.name: p.pipeline for p in profiles}}, expect=engine.expect,
+                  block_tokens=args.pool_block_tokens)  # fmt: skip
+    _, _, raw_decode_bps = measure_codec(Pipeline.from_config(RAW_PIPELINE), [cache, cache])
+    log.info("KV pool at %s:%d, %d-token blocks, raw and %d profiles", host, port, args.pool_block_tokens, len(profiles))
+    return PoolSession(pool, profiles, raw_pipeline=RAW_PIPELINE, raw_decode_bps=raw_decode_bps,
+                       initial_bandwidth_bps=gbps(args.pool_gbps), bytes_per_token=cache.nbytes(2) // max(cache.seq_len, 1))
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -51,11 +51,12 @@ class WorkerBackend:
             kv = request.kv
             await conn.send_message({
                 "type": "generate", "id": request.request_id, "prompt_ids": list(request.prompt_token_ids),
+                "tenant": request.tenant,
                 "sampling": request.sampling.to_dict(),
                 "control": {"compression": kv.compression, "slo_s": json_safe(kv.slo_s),
                             "max_ppl_increase": json_safe(kv.max_ppl_increase),
                             "max_retrieval_drop": json_safe(kv.max_retrieval_drop), "workload": kv.workload,
-                            "policy": kv.policy},
+                            "policy": kv.policy, "pool": {"fetch": kv.pool_fetch, "store": kv.pool_store}},
             })  # fmt: skip
             while True:
                 message = await conn.recv_message()
@@ -67,9 +68,10 @@ class WorkerBackend:
                     # What the cache went through, which is not the decision's choice after a
                     # raw resend (None: it did not move); a prefill worker without the field: the choice.
                     profile = message["profile"] if "profile" in message else decision.get("choice")
+                    pool = message.get("pool")
                     yield Prefilled(profile, decision, int(message.get("kv_bytes_raw") or 0),
-                                    int(message.get("kv_bytes_sent") or 0),
-                                    message.get("timings", {}))  # fmt: skip
+                                    int(message.get("kv_bytes_sent") or 0), message.get("timings", {}),
+                                    pool if isinstance(pool, dict) else None)  # fmt: skip
                 elif kind == "done":
                     yield Finished(message.get("finish_reason", "stop"), {"attempts": message.get("attempts", [])})
                     return
@@ -88,7 +90,8 @@ class WorkerBackend:
                 await conn.close()
         except (OSError, TensorwireError) as exc:
             return BackendHealth(ready=False, workers={"prefill": {"up": False}}, detail=str(exc))
-        workers: dict[str, dict[str, Any]] = {"prefill": {"up": True, "in_flight": state.get("in_flight")}}
+        workers: dict[str, dict[str, Any]] = {"prefill": {"up": True, "in_flight": state.get("in_flight"),
+                                                          "pool_stores": state.get("pool_stores")}}  # fmt: skip
         for peer in state.get("peers", []):
             workers[f"decode {peer['host']}:{peer['port']}"] = {"up": peer.get("failures", 0) == 0, **peer}
         return BackendHealth(ready=True, workers=workers)

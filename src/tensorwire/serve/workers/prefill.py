@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import secrets
@@ -42,6 +43,7 @@ from ...errors import PeerError, TensorwireError
 from ...kv.pipeline import Pipeline
 from ...kv.presets import PRESETS
 from ..engine import Engine, SamplingParams
+from ..pool.session import PoolSession
 from ..protocol import json_safe
 from ..transport.tcp import Connection
 from . import try_send
@@ -87,14 +89,23 @@ class PrefillWorker:
     alternatives : mapping of str to Policy
         Other policies a request may name in ``control.policy`` (the controller's name is
         ``"controller"``); each learns only from the transfers it decided.
+    pool : PoolSession, optional
+        A KV pool: a stored prefix of the prompt is fetched instead of recomputed where
+        that is faster, and the prompt's new blocks are stored after the transfer.
+    shared_pool : bool
+        Every tenant's prefixes serve every tenant (default: each tenant its own).
     """
 
     def __init__(self, engine: Engine, controller: Controller, peers: Sequence[Peer],
                  connect: Callable[[str, int], Any], observe_window: int = OBSERVE_WINDOW,
-                 alternatives: Mapping[str, BasePolicy] | None = None):  # fmt: skip
+                 alternatives: Mapping[str, BasePolicy] | None = None, pool: PoolSession | None = None,
+                 shared_pool: bool = False):  # fmt: skip
         self.engine = engine
         self.controller = controller
         self.policies: dict[str, BasePolicy] = {CONTROLLER: controller, **(alternatives or {})}
+        self.pool = pool
+        self.shared_pool = shared_pool
+        self._stores: set[asyncio.Future] = set()  # pool writes in flight, off the request path
         self.peers = list(peers)
         self.connect = connect
         self.observe_window = observe_window
@@ -107,7 +118,7 @@ class PrefillWorker:
         self.in_flight += 1
         try:
             if request.get("type") == "health":
-                await front.send_message({"type": "health", "in_flight": self.in_flight - 1,
+                await front.send_message({"type": "health", "in_flight": self.in_flight - 1, "pool_stores": len(self._stores),
                                           "peers": [dataclasses.asdict(p) for p in self.peers]})  # fmt: skip
                 return
             if request.get("type") != "generate":
@@ -130,13 +141,25 @@ class PrefillWorker:
         if not sampling.greedy and sampling.seed is None:
             # A seed of our own: a retry on another worker then repeats the tokens already sent.
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
-        began = time.perf_counter()
-        data = await loop.run_in_executor(None, self.engine.prefill, prompt, self.observe_window)
-        prefill_s = time.perf_counter() - began
         policy = self._policy(request)
+        tenant = "shared" if self.shared_pool else str(request.get("tenant") or "anonymous")
+        prefix, pool_info = None, None
+        pool_control = (request.get("control") or {}).get("pool") or {}
+        store = pool_control.get("store", "auto")
+        if self.pool is not None and store not in ("auto", "none", *self.pool.pool.pipelines):
+            raise ValueError(f"pool store {store!r} is not auto, none or one of the pool's: {', '.join(self.pool.pool.pipelines)}")
+        if self.pool is not None and len(prompt) > 1:
+            fetch = str(pool_control.get("fetch", "auto"))
+            prefix, pool_info = await loop.run_in_executor(None, self.pool.prefix, prompt, tenant, fetch)
+        reused = prefix.seq_len if prefix is not None else 0
+        began = time.perf_counter()
+        data = await loop.run_in_executor(None, self.engine.prefill, prompt, self.observe_window, prefix)
+        prefill_s = time.perf_counter() - began
+        if self.pool is not None:
+            self.pool.observe_prefill(len(prompt) - 1 - reused, prefill_s)
         decision = self._decide(policy, request, data.nbytes(2))
         config = decision.pipeline or RAW_PIPELINE
-        relay = _Relay(front, request_id, decision, data.nbytes(2), prefill_s)
+        relay = _Relay(front, request_id, decision, data.nbytes(2), prefill_s, pool_info)
         attempts: list[dict[str, Any]] = []
         queue = self._ranked_peers()
         while queue:
@@ -154,6 +177,23 @@ class PrefillWorker:
             attempts.append({"peer": "prefill", "status": "done"})
         await relay.message({"type": "done", "id": request_id, "tokens": relay.sent, "attempts": attempts,
                              "finish_reason": self._finish_reason(relay, sampling)})  # fmt: skip
+        if self.pool is not None:
+            self._store_later(prompt, data, tenant, reused, request.get("control") or {})
+
+    def _store_later(self, prompt: list[int], data, tenant: str, reused: int, control: dict[str, Any]) -> None:
+        """Put the prompt's new blocks in the pool in a thread; the answer has gone already."""
+        store = functools.partial(self.pool.store, prompt, data, tenant, from_tokens=reused,
+                                  profile=str((control.get("pool") or {}).get("store", "auto")),
+                                  max_ppl_increase=_limit(control.get("max_ppl_increase")),
+                                  max_retrieval_drop=_limit(control.get("max_retrieval_drop")))  # fmt: skip
+        future = asyncio.get_running_loop().run_in_executor(None, store)
+        self._stores.add(future)
+        future.add_done_callback(self._stored)
+
+    def _stored(self, future: asyncio.Future) -> None:
+        self._stores.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("storing a prompt's blocks in the pool failed: %s", future.exception())
 
     def _policy(self, request: dict[str, Any]) -> BasePolicy:
         name = (request.get("control") or {}).get("policy") or CONTROLLER
@@ -264,7 +304,9 @@ class FrontEndGone(Exception):
 class _Relay:
     """Forwards to the front end, in order: the transfer's outcome once, then each token once."""
 
-    def __init__(self, front: Connection, request_id: Any, decision: Decision, kv_bytes_raw: int, prefill_s: float):
+    def __init__(self, front: Connection, request_id: Any, decision: Decision, kv_bytes_raw: int, prefill_s: float,
+                 pool: dict[str, Any] | None = None):  # fmt: skip
+        self.pool = pool
         self.front = front
         self.request_id = request_id
         self.decision = decision
@@ -294,7 +336,7 @@ class _Relay:
         await self.message({"type": "kv_sent", "id": self.request_id, "profile": profile,
                             "decision": self.decision.to_dict(), "kv_bytes_raw": self.kv_bytes_raw,
                             "kv_bytes_sent": outcome.get("kv_bytes_sent"), "decode_worker": outcome.get("peer"),
-                            "timings": timings})  # fmt: skip
+                            "timings": timings, "pool": self.pool})  # fmt: skip
 
     async def send(self, token: Any, index: Any) -> bool:
         """Relay the token at ``index``; False (nothing sent) when it is not the next one."""
