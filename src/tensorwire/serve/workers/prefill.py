@@ -3,7 +3,10 @@
 Per ``{"type": "generate", ...}`` request from the front end (docs/PROTOCOL.md, "Worker
 messages"):
 
-1. prefill ``prompt_ids[:-1]`` (with the last queries, for SnapKV-style profiles);
+1. prefill ``prompt_ids[:-1]`` (with the last queries, for SnapKV-style profiles); with a
+   KV pool, first fetch the stored prefix of the prompt where that beats prefilling it
+   (``serve.pool.session``), prefill only the rest, and store the new blocks after the
+   answer;
 2. ask the controller for a profile, or raw, from the cache size, the learned bandwidth
    to the decode workers, the request's SLO and quality budget (or take the one the
    request forces; ``control.policy`` may name another policy the worker holds, such as
