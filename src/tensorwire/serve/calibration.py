@@ -19,12 +19,12 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 
-import numpy as np
 
 from ..kv.pipeline import Pipeline
 from ..kv.profiles import ProfileLibrary
-from ..kv.stage import KVCacheData, KVLayer
+from ..kv.stage import KVCacheData
 from ..search.objectives import measure_codec
+from .pool.store import block_of
 
 __all__ = ["calibrate", "warm"]
 
@@ -43,10 +43,8 @@ def warm(pipelines: Iterable[dict], cache: KVCacheData) -> float:
 
 
 def _prefix(cache: KVCacheData, tokens: int) -> KVCacheData:
-    """The first ``tokens`` tokens of a (full, unselected) cache."""
-    layers = [KVLayer(np.ascontiguousarray(layer.keys[:, :, :tokens]), np.ascontiguousarray(layer.values[:, :, :tokens]),
-                      np.ascontiguousarray(layer.positions[:, :, :tokens])) for layer in cache.layers]  # fmt: skip
-    return KVCacheData(layers, seq_len=tokens, dtype=cache.dtype, observations=cache.observations)
+    """The first ``tokens`` tokens of a (full, unselected) cache, with its observations."""
+    return dataclasses.replace(block_of(cache, 0, tokens), observations=cache.observations)
 
 
 def _size_model(pipeline: Pipeline, cache: KVCacheData, short: KVCacheData) -> dict[str, float] | None:

@@ -25,7 +25,8 @@ Routes
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 bad request (malformed JSON, missing or mistyped field, out-of-range value, unknown
 profile, prompt or ``max_tokens`` beyond the context), 404 for an unknown model or route,
-413 for a body over ``max_body_bytes`` (refused before it is read in full), 429 when ``max_in_flight`` requests are already being served, 500 when the backend raised
+413 for a body over ``max_body_bytes`` (refused before it is read in full), 429 when
+``max_in_flight`` requests are already being served, 500 when the backend raised
 (logged with its traceback; the server goes on serving), 503 when it raised
 :class:`~tensorwire.errors.BackendUnavailable`. A failure after a stream has started is an
 SSE event ``data: {"error": {...}}`` followed by ``data: [DONE]``.

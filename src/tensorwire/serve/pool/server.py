@@ -16,6 +16,7 @@ clients then make their sockets in the namespace too (:func:`redis_client`).
 
 from __future__ import annotations
 
+import functools
 import secrets
 import shutil
 import socket
@@ -64,6 +65,7 @@ def redis_client(host: str, port: int, password: str | None, *, netns: str | Non
     return redis.Redis(connection_pool=redis.ConnectionPool(host=host, port=port, password=password, **options))
 
 
+@functools.cache
 def _netns_connection(name: str):
     redis = require("redis")
     namespace = Netns(name)

@@ -99,6 +99,11 @@ class PoolSession:
                     pool_s=time.perf_counter() - began)  # fmt: skip
         return data, info
 
+    def check_store_profile(self, profile: str) -> None:
+        """Raise ValueError unless ``profile`` is ``"auto"``, ``"none"`` or one of the pool's pipelines."""
+        if profile not in ("auto", "none", *self.pool.pipelines):
+            raise ValueError(f"pool store {profile!r} is not auto, none or one of the pool's: {', '.join(self.pool.pipelines)}")
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         self.prefill_speed.observe(tokens, seconds)
 
@@ -108,10 +113,9 @@ class PoolSession:
 
         ``profile``: ``"auto"`` (the pool's controller picks), ``"raw"`` or a pool profile
         (forced), ``"none"`` (store nothing)."""
+        self.check_store_profile(profile)
         if profile == "none":
             return 0
-        if profile != "auto" and profile not in self.pool.pipelines:
-            raise ValueError(f"pool profile {profile!r} is not one of the pool's: {', '.join(self.pool.pipelines)}")
         first = from_tokens // self.pool.block_tokens
         blocks = data.seq_len // self.pool.block_tokens - first
         if blocks <= 0 or any(layer.keys.shape[2] != data.seq_len for layer in data.layers):

@@ -1,8 +1,8 @@
 """A worker process: ``python -m tensorwire.serve.workers {prefill,decode} [options]``.
 
 Each worker loads the model, warms it and the codecs of raw and every profile of the
-library (the prefill worker also calibrates the library on this machine), starts listening, and prints one JSON line to stdout
-when it is ready: ``{"role": ..., "host": ..., "port": ..., "pid": ...}``. SIGTERM (or
+library (the prefill worker also calibrates the library on this machine), starts
+listening, and prints one JSON line to stdout when it is ready: ``{"role": ..., "host": ..., "port": ..., "pid": ...}``. SIGTERM (or
 SIGINT) stops it: no new connections, in-flight requests get ``--drain-s`` seconds to
 finish, then the process exits 0. ``tensorwire.serve.cluster`` starts and stops these.
 """
@@ -25,15 +25,14 @@ from ...control import Controller
 from ...control.policies import KVServeRule
 from ...control.traces import make_trace
 from ...data import SAMPLE_TEXT, SMOLLM2_LIBRARY
-from ...kv.profiles import ProfileLibrary
+from ...kv.pipeline import Pipeline
+from ...kv.profiles import RAW, ProfileLibrary
 from .. import auth
 from ..calibration import calibrate, warm
 from ..engine import Engine
 from ..transport import Netns, TokenBucket, connect, gbps, start_server
+from ..pool.session import PoolSession, pool_library
 from .decode import DecodeWorker
-from ...kv.pipeline import Pipeline
-from ...kv.profiles import RAW
-from ..pool.session import PoolSession
 from .prefill import RAW_PIPELINE, Peer, PrefillWorker
 
 log = logging.getLogger("tensorwire.serve.worker")
@@ -113,10 +112,15 @@ def _warm_up_cache(engine: Engine):
     return engine.prefill(ids, observe_window=64)
 
 
+def _installed_pipelines(library: ProfileLibrary) -> list[dict]:
+    """The pipelines of the profiles whose stages are installed (payloads of the others are refused anyway)."""
+    missing = library.check_installed()
+    return [p.pipeline for p in library if p.name not in missing]
+
+
 def _decode(args: argparse.Namespace, engine: Engine):
     library = ProfileLibrary.load(args.library or SMOLLM2_LIBRARY)
-    missing = library.check_installed()  # their payloads are refused anyway (an unknown stage)
-    usable = [p.pipeline for p in library if p.name not in missing]
+    usable = _installed_pipelines(library)
     seconds = warm([RAW_PIPELINE, *usable], _warm_up_cache(engine))
     log.info("decoders of raw and %d profiles warmed in %.1f s", len(usable), seconds)
     return DecodeWorker(engine).handle
@@ -127,8 +131,7 @@ def _prefill(args: argparse.Namespace, engine: Engine):
     cache = _warm_up_cache(engine)
     warm([RAW_PIPELINE], cache)  # calibrating warms the profiles
     if args.no_calibrate:
-        missing = library.check_installed()
-        warm([p.pipeline for p in library if p.name not in missing], cache)
+        warm(_installed_pipelines(library), cache)
     else:
         library = calibrate(library, cache, log=log.info)
     rate = gbps(args.gbps) if args.gbps else None
@@ -167,7 +170,6 @@ def _pool(args: argparse.Namespace, engine: Engine, library: ProfileLibrary, cac
     """The prefill worker's KV pool on the Redis at ``--pool`` (its profiles: the selector-free ones)."""
     from ...search.objectives import measure_codec
     from ..pool import KVPool, redis_client
-    from ..pool.session import pool_library
 
     host, port = _host_port(args.pool)
     password = Path(args.pool_password_file).read_text().strip() if args.pool_password_file else None

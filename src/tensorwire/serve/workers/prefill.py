@@ -148,9 +148,8 @@ class PrefillWorker:
         tenant = "shared" if self.shared_pool else str(request.get("tenant") or "anonymous")
         prefix, pool_info = None, None
         pool_control = (request.get("control") or {}).get("pool") or {}
-        store = pool_control.get("store", "auto")
-        if self.pool is not None and store not in ("auto", "none", *self.pool.pool.pipelines):
-            raise ValueError(f"pool store {store!r} is not auto, none or one of the pool's: {', '.join(self.pool.pool.pipelines)}")
+        if self.pool is not None:
+            self.pool.check_store_profile(str(pool_control.get("store", "auto")))  # before the prefill, not after the answer
         if self.pool is not None and len(prompt) > 1:
             fetch = str(pool_control.get("fetch", "auto"))
             prefix, pool_info = await loop.run_in_executor(None, self.pool.prefix, prompt, tenant, fetch)
