@@ -204,3 +204,20 @@ def test_a_redis_in_a_shaped_namespace_is_read_at_the_link_rate():
             assert len(client.get("k")) == 2_000_000
             seconds = time.perf_counter() - began
     assert seconds > 0.5 * 2_000_000 / gbps(0.1)  # never faster than the link allows (0.16 s at 0.1 Gbit/s)
+
+
+def test_a_session_refuses_unknown_pool_controls(pool):
+    from tensorwire.data import SMOLLM2_LIBRARY
+    from tensorwire.kv.profiles import ProfileLibrary
+    from tensorwire.serve.pool.session import PoolSession, pool_library
+
+    session = PoolSession(pool, pool_library(ProfileLibrary.load(SMOLLM2_LIBRARY)), raw_pipeline=PRESETS["bf16"],
+                          raw_decode_bps=1e9, initial_bandwidth_bps=1e9, bytes_per_token=96)  # fmt: skip
+    for ok in ("auto", "none", "lossless", "kivi-4"):
+        session.check_store_profile(ok)
+    with pytest.raises(ValueError, match="pool store 'zip' is not auto, none or one of the pool's"):
+        session.check_store_profile("zip")
+    with pytest.raises(ValueError, match="pool fetch is one of"):
+        session.prefix(list(range(100)), "t", fetch="sometimes")
+    assert session.prefix(list(range(100)), "t", fetch="never") == (None, {"hit_tokens": 0, "decision": "off",
+                                                                           "reason": "the request does not read the pool"})  # fmt: skip
