@@ -191,7 +191,11 @@ def cmd_pool(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=1))
     else:
         for key, value in stats.items():
-            print(f"{key:<18}{value:.4g}" if isinstance(value, float) else f"{key:<18}{value}")
+            if key == "by_pipeline":
+                for tag, counts in value.items():
+                    print(f"  pipeline {tag}: {counts['blocks']} blocks, {counts['stored_bytes']} bytes")
+            else:
+                print(f"{key:<18}{value:.4g}" if isinstance(value, float) else f"{key:<18}{value}")
     return 0
 
 

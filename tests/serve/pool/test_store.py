@@ -179,6 +179,7 @@ def test_the_pool_command_reports_and_clears(server, pool, tmp_path, capsys):
     assert main(["pool", "stats", "--url", url, "--password-file", str(secret), "--block-tokens", str(BLOCK), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["blocks"] == 3 and stats["tenants"] == 1 and stats["stored_bytes"] == pool.stats.stored_bytes
+    assert stats["by_pipeline"] == {pipeline_tag(PIPELINES["lossless"]): {"blocks": 3, "stored_bytes": pool.stats.stored_bytes}}
     assert stats["bytes_per_token"] == pytest.approx(pool.stats.stored_bytes / (3 * BLOCK))
     assert main(["pool", "clear", "--url", url, "--password-file", str(secret)]) == 0
     assert "deleted 3 blocks" in capsys.readouterr().out and pool.lookup(ids, "t").blocks == 0
@@ -221,3 +222,73 @@ def test_a_session_refuses_unknown_pool_controls(pool):
         session.prefix(list(range(100)), "t", fetch="sometimes")
     assert session.prefix(list(range(100)), "t", fetch="never") == (None, {"hit_tokens": 0, "decision": "off",
                                                                            "reason": "the request does not read the pool"})  # fmt: skip
+
+
+def test_a_payload_of_another_format_version_is_refused_and_deleted(pool):
+    ids = list(range(2 * BLOCK))
+    pool.store(ids, cache_of(len(ids)), "t", "lossless")
+    hit = pool.lookup(ids, "t")
+    value = bytearray(pool.client.get(hit.keys[1]))
+    value[8:10] = (2).to_bytes(2, "little")  # the payload's version field (docs/FORMAT.md section 6)
+    pool.client.set(hit.keys[1], bytes(value))
+    data, kept = pool.fetch(hit)
+    assert kept.blocks == 1 and data.seq_len == BLOCK
+    assert pool.client.exists(hit.keys[1]) == 0 and pool.stats.bad_values == 1
+
+
+def test_redis_down_at_start_killed_and_restarted_is_used_again_once_back():
+    from tensorwire.serve.pool.server import _free_port, redis_client
+
+    port, password = _free_port("127.0.0.1", None), "pool-restart-test"
+    client = redis_client("127.0.0.1", port, password)  # one client (and its connection pool) throughout
+    pool = KVPool(client, model_id="m", tokenizer_id="t", pipelines=PIPELINES, expect=SHAPE, block_tokens=BLOCK)
+    ids = list(range(3 * BLOCK))
+    cache = cache_of(len(ids))
+    assert pool.lookup(ids, "t").blocks == 0 and pool.store(ids, cache, "t", "lossless") == 0  # down at start
+    for life in range(2):
+        server = RedisServer(port=port, password=password).start()
+        try:
+            assert pool.lookup(ids, "t").blocks == 0  # no persistence: a restarted pool is empty
+            assert pool.store(ids, cache, "t", "lossless") > 0
+            data, kept = pool.fetch(pool.lookup(ids, "t"))
+            assert kept.blocks == 3 and np.array_equal(data.layers[1].values, cache.layers[1].values)
+        finally:
+            server.proc.kill()  # SIGKILL mid-run, as a crash would
+            server.stop()
+        assert pool.lookup(ids, "t").blocks == 0 and pool.fetch(kept) == (None, kept.truncated(0))
+    assert pool.stats.errors == 2 + 2 * 2
+
+
+def _store_concurrently(port: int, password: str, barrier, results) -> None:
+    from tensorwire.serve.pool.server import redis_client
+
+    pool = KVPool(redis_client("127.0.0.1", port, password), model_id="m", tokenizer_id="t", pipelines=PIPELINES,
+                  expect=SHAPE, block_tokens=BLOCK)  # fmt: skip
+    ids = list(range(8 * BLOCK))
+    cache = cache_of(len(ids), seed=7)
+    barrier.wait()
+    pool.store(ids, cache, "t", "lossless")
+    results.put((pool.stats.stored_blocks, pool.stats.already_stored, pool.stats.errors))
+
+
+def test_two_processes_storing_the_same_blocks_leave_one_whole_value_each(server):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # the workers are separate processes with their own clients
+    barrier, results = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=_store_concurrently, args=(server.port, server.password, barrier, results))
+               for _ in range(2)]  # fmt: skip
+    server.client().flushdb()
+    for w in workers:
+        w.start()
+    counts = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(30)
+    assert all(errors == 0 for _, _, errors in counts)
+    assert sum(stored for stored, _, _ in counts) == 8 and sum(already for _, already, _ in counts) == 8  # each block won once
+    pool = KVPool(server.client(), model_id="m", tokenizer_id="t", pipelines=PIPELINES, expect=SHAPE, block_tokens=BLOCK)
+    ids, cache = list(range(8 * BLOCK)), cache_of(8 * BLOCK, seed=7)
+    data, kept = pool.fetch(pool.lookup(ids, "t"))
+    assert kept.blocks == 8 and pool.stats.bad_values == 0
+    for got, want in zip(data.layers, cache.layers):
+        assert np.array_equal(got.keys, want.keys) and np.array_equal(got.values, want.values)

@@ -302,32 +302,36 @@ def clear_pool(client: Any, tenant: str | None = None) -> int:
 
 
 def pool_stats(client: Any, block_tokens: int | None = None) -> dict[str, Any]:
-    """What the pool's Redis holds: blocks, their bytes, tenants, memory, evictions, hits."""
-    blocks = stored = 0
+    """What the pool's Redis holds: blocks and their bytes (in all and per pipeline tag),
+    tenants, memory, evictions, hits."""
     tenants: set[str] = set()
+    by_pipeline: dict[str, dict[str, int]] = {}
     batch: list[bytes] = []
 
-    def flush() -> int:
+    def flush() -> None:
         pipe = client.pipeline(transaction=False)
         for key in batch:
             pipe.strlen(key)
-        total = sum(int(n) for n in pipe.execute())
+        for key, n in zip(batch, pipe.execute()):
+            tag = by_pipeline.setdefault(key.decode().rsplit(":", 1)[1], {"blocks": 0, "stored_bytes": 0})
+            tag["blocks"] += 1
+            tag["stored_bytes"] += int(n)
         batch.clear()
-        return total
 
     for key in _pool_keys(client):
-        blocks += 1
         tenants.add(key.decode().split(":")[2])
         batch.append(key)
         if len(batch) >= 1000:
-            stored += flush()
+            flush()
     if batch:
-        stored += flush()
+        flush()
+    blocks = sum(t["blocks"] for t in by_pipeline.values())
+    stored = sum(t["stored_bytes"] for t in by_pipeline.values())
     memory, stats = client.info("memory"), client.info("stats")
-    out = {"blocks": blocks, "stored_bytes": stored, "tenants": len(tenants), "used_memory": int(memory["used_memory"]),
-           "maxmemory": int(memory.get("maxmemory", 0)), "maxmemory_policy": memory.get("maxmemory_policy"),
-           "evicted_keys": int(stats.get("evicted_keys", 0)), "keyspace_hits": int(stats.get("keyspace_hits", 0)),
-           "keyspace_misses": int(stats.get("keyspace_misses", 0))}  # fmt: skip
+    out = {"blocks": blocks, "stored_bytes": stored, "tenants": len(tenants), "by_pipeline": by_pipeline,
+           "used_memory": int(memory["used_memory"]), "maxmemory": int(memory.get("maxmemory", 0)),
+           "maxmemory_policy": memory.get("maxmemory_policy"), "evicted_keys": int(stats.get("evicted_keys", 0)),
+           "keyspace_hits": int(stats.get("keyspace_hits", 0)), "keyspace_misses": int(stats.get("keyspace_misses", 0))}  # fmt: skip
     if block_tokens and blocks:
         out["bytes_per_token"] = stored / (blocks * block_tokens)
     return out
