@@ -43,7 +43,7 @@ def test_completion_shape_usage_decision_and_header(client, fake_server):
     assert tw["ttft_s"] > 0 and tw["jct_s"] >= tw["ttft_s"] and tw["tpot_s"] >= 0
     assert tw["timings"]["prefill_s"] == 0.001 and tw["timings"]["decode_s"] == 0.01
     assert tw["request"] == {"compression": "auto", "slo_ms": None, "max_ppl_increase": None, "max_retrieval_drop": None,
-                             "workload": "default"}  # fmt: skip  (infinite: null)
+                             "workload": "default", "pool_fetch": "auto", "pool_store": "auto"}  # fmt: skip  (infinite: null)
     assert raw.headers["x-tensorwire-profile"] == tw["profile"]
     assert raw.headers["x-tensorwire-reason"] == tw["reason_class"]
     assert raw.headers["x-request-id"] == out.id
@@ -92,11 +92,14 @@ def test_default_max_tokens_and_sampling_fields_reach_the_backend(client, fake_b
 def test_tensorwire_options_reach_the_backend_and_are_echoed(client, fake_backend):
     name = fake_backend.profiles[0]
     out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, extra_body={"tensorwire": {
-        "slo_ms": 20, "max_ppl_increase": 0.02, "max_retrieval_drop": 1.5, "compression": name, "workload": "rag"}})  # fmt: skip
+        "slo_ms": 20, "max_ppl_increase": 0.02, "max_retrieval_drop": 1.5, "compression": name, "workload": "rag",
+        "pool_fetch": "never", "pool_store": "raw"}})  # fmt: skip
     kv = fake_backend.requests[-1].kv
     assert (kv.compression, kv.slo_s, kv.max_ppl_increase, kv.max_retrieval_drop, kv.workload) == (name, 0.02, 0.02, 1.5, "rag")
+    assert (kv.pool_fetch, kv.pool_store) == ("never", "raw")
     assert out.model_extra["tensorwire"]["request"] == {"compression": name, "slo_ms": 20.0, "max_ppl_increase": 0.02,
-                                                        "max_retrieval_drop": 1.5, "workload": "rag"}  # fmt: skip
+                                                        "max_retrieval_drop": 1.5, "workload": "rag",
+                                                        "pool_fetch": "never", "pool_store": "raw"}  # fmt: skip
 
 
 def test_the_api_key_names_the_tenant_never_itself(client, fake_server, fake_backend):
@@ -296,6 +299,8 @@ BAD = [
     ("retrieval-over-100", C, completion(tensorwire={"max_retrieval_drop": 101}), 400, "tensorwire.max_retrieval_drop",
      "invalid_value"),
     ("unknown-profile", C, completion(tensorwire={"compression": "zip-it"}), 400, "tensorwire.compression", "unknown_profile"),
+    ("unknown-pool-store", C, completion(tensorwire={"pool_store": "zip-it"}), 400, "tensorwire.pool_store", "unknown_profile"),
+    ("bad-pool-fetch", C, completion(tensorwire={"pool_fetch": "sometimes"}), 400, "tensorwire.pool_fetch", "invalid_value"),
     ("unknown-tensorwire-field", C, completion(tensorwire={"slo": 5}), 400, "tensorwire.slo", "unknown_parameter"),
     ("tensorwire-not-object", C, completion(tensorwire=5), 400, "tensorwire", "invalid_value"),
 ]

@@ -250,6 +250,8 @@ class _Run:
                 "max_ppl_increase": kv.max_ppl_increase,
                 "max_retrieval_drop": kv.max_retrieval_drop,
                 "workload": kv.workload,
+                "pool_fetch": kv.pool_fetch,
+                "pool_store": kv.pool_store,
             },
         }
 

@@ -91,6 +91,9 @@ class TensorwireOptions(BaseModel):
     max_retrieval_drop: float | None = Field(None, ge=0, le=100, description="retrieval accuracy points that may be lost")
     compression: str | None = Field(None, description='"auto", "raw" or a profile name')
     workload: str | None = Field(None, min_length=1, max_length=64, description="the controller's workload class")
+    pool_fetch: Literal["auto", "always", "never"] | None = Field(
+        None, description='KV pool: "auto" (fetch what beats prefilling), "always" or "never" read the pool')
+    pool_store: str | None = Field(None, description='KV pool: "auto", "raw", a profile name or "none"')
 
 
 class StreamOptions(BaseModel):
@@ -336,6 +339,10 @@ def kv_options(options: TensorwireOptions | None, defaults: ServerDefaults, prof
         raise InvalidRequest(f"'tensorwire.compression' is {compression!r}; expected \"auto\", \"raw\" or a profile name "
                              f"({known})", param="tensorwire.compression", code="unknown_profile")  # fmt: skip
 
+    if o.pool_store is not None and o.pool_store not in (AUTO, RAW, "none") and o.pool_store not in profiles:
+        raise InvalidRequest(f"'tensorwire.pool_store' is {o.pool_store!r}; expected \"auto\", \"raw\", \"none\" or a "
+                             "profile name", param="tensorwire.pool_store", code="unknown_profile")  # fmt: skip
+
     def pick(value: float | None, default: float | None) -> float:
         chosen = value if value is not None else default
         return math.inf if chosen is None else float(chosen)
@@ -347,6 +354,8 @@ def kv_options(options: TensorwireOptions | None, defaults: ServerDefaults, prof
         max_ppl_increase=pick(o.max_ppl_increase, defaults.max_ppl_increase),
         max_retrieval_drop=pick(o.max_retrieval_drop, defaults.max_retrieval_drop),
         workload=o.workload or defaults.workload,
+        pool_fetch=o.pool_fetch or "auto",
+        pool_store=o.pool_store or AUTO,
     )
 
 
