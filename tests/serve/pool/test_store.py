@@ -292,3 +292,28 @@ def test_two_processes_storing_the_same_blocks_leave_one_whole_value_each(server
     assert kept.blocks == 8 and pool.stats.bad_values == 0
     for got, want in zip(data.layers, cache.layers):
         assert np.array_equal(got.keys, want.keys) and np.array_equal(got.values, want.values)
+
+
+def test_a_stream_yields_each_layer_of_the_blocks_and_a_damaged_layer_raises_and_is_deleted(pool):
+    from tensorwire.errors import TensorwireError
+
+    ids = list(range(4 * BLOCK))
+    cache = cache_of(len(ids))
+    pool.store(ids, cache, "t", "lossless")
+    hit = pool.lookup(ids, "t")
+    stream, kept = pool.stream(hit.tail(1), first_block=1)
+    layers = list(stream.layers())
+    assert kept.blocks == 3 and len(layers) == SHAPE["n_layers"]
+    for got, want in zip(layers, cache.layers):
+        assert np.array_equal(got.keys, want.keys[:, :, BLOCK:]) and np.array_equal(got.positions[0, 0], np.arange(BLOCK, 4 * BLOCK))
+
+    value = bytearray(pool.client.get(hit.keys[2]))
+    value[-5] ^= 0x01  # inside the last layer's body: the header reads, the layer's checksum does not
+    pool.client.set(hit.keys[2], bytes(value))
+    stream, kept = pool.stream(hit)
+    assert kept.blocks == 4
+    with pytest.raises(TensorwireError):
+        list(stream.layers())
+    assert pool.client.exists(hit.keys[2]) == 0 and pool.stats.bad_values == 1
+    assert pool.stream(hit)[1].blocks == 2  # the block is gone now: the prefix ends before it
+

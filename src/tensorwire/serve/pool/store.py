@@ -31,18 +31,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ...errors import TensorwireError, require
-from ...kv.pipeline import Pipeline
+from ...kv import payload as kv_payload
+from ...kv.pipeline import Pipeline, StreamDecoder
 from ...kv.stage import KVCacheData, KVLayer
 from ..auth import tenant_tag
 
-__all__ = ["KVPool", "PoolHit", "PoolStats", "clear_pool", "pipeline_tag", "pool_stats", "tenant_tag"]
+__all__ = ["BlockStream", "KVPool", "PoolHit", "PoolStats", "clear_pool", "pipeline_tag", "pool_stats", "tenant_tag"]
 
 log = logging.getLogger("tensorwire.serve.pool")
 
@@ -79,6 +80,10 @@ class PoolHit:
 
     def truncated(self, blocks: int) -> PoolHit:
         return PoolHit(self.block_tokens, self.keys[:blocks], self.sizes[:blocks], self.pipelines[:blocks])
+
+    def tail(self, first: int) -> PoolHit:
+        """The blocks from block ``first`` on."""
+        return PoolHit(self.block_tokens, self.keys[first:], self.sizes[first:], self.pipelines[first:])
 
 
 @dataclass
@@ -219,16 +224,46 @@ class KVPool:
             try:
                 blocks.append(self._decode_block(value, i))
             except (TensorwireError, ValueError) as exc:
-                self.stats.bad_values += 1
-                log.warning("pool block %s is unusable (%s: %s); deleted, recomputed", hit.keys[i], type(exc).__name__, exc)
-                try:
-                    self.client.delete(hit.keys[i])
-                except self._redis_errors as gone:
-                    self._failed("delete", gone)
+                self._bad(hit.keys[i], exc)
                 break
         kept = hit.truncated(len(blocks))
         self.stats.fetched_bytes += kept.nbytes
         return (concat(blocks) if blocks else None), kept
+
+    def stream(self, hit: PoolHit, first_block: int = 0) -> tuple[BlockStream | None, PoolHit]:
+        """Like :meth:`fetch`, but decoded layer by layer (:meth:`BlockStream.layers`), so that a
+        consumer uses layer ``i`` while layer ``i + 1`` decodes. ``hit``'s first block is block
+        ``first_block`` of the prompt. The prefix ends at the first block that is gone or whose
+        header is bad; a layer that fails its checks later raises (and its key is deleted).
+        """
+        if not hit.blocks:
+            return None, hit
+        try:
+            values = self.client.mget(list(hit.keys))
+        except self._redis_errors as exc:
+            self._failed("fetch", exc)
+            return None, hit.truncated(0)
+        readers = []
+        for i, value in enumerate(values):
+            if value is None:
+                self.stats.evicted_before_fetch += 1
+                break
+            try:
+                readers.append(_BlockReader(value, first_block + i, self.block_tokens, self.expect))
+            except (TensorwireError, ValueError) as exc:
+                self._bad(hit.keys[i], exc)
+                break
+        kept = hit.truncated(len(readers))
+        self.stats.fetched_bytes += kept.nbytes
+        return (BlockStream(self, readers, kept) if readers else None), kept
+
+    def _bad(self, key: str, exc: BaseException) -> None:
+        self.stats.bad_values += 1
+        log.warning("pool block %s is unusable (%s: %s); deleted, recomputed", key, type(exc).__name__, exc)
+        try:
+            self.client.delete(key)
+        except self._redis_errors as gone:
+            self._failed("delete", gone)
 
     def _decode_block(self, value: bytes, index: int) -> KVCacheData:
         data = Pipeline.decode_data(value, expect=self.expect)
@@ -281,6 +316,49 @@ class KVPool:
     def clear(self, tenant: str | None = None) -> int:
         """Delete every block (of ``tenant`` only, when given); returns how many."""
         return clear_pool(self.client, tenant)
+
+
+class _BlockReader:
+    """One stored block, its header checked, its layers decoded on demand."""
+
+    def __init__(self, value: bytes, index: int, block_tokens: int, expect: Mapping[str, int]):
+        view = memoryview(value).cast("B")
+        header, at = kv_payload.read_header(view)
+        end = (index + 1) * block_tokens
+        if header["cache"]["seq_len"] != end or header["cache"]["kept"] != block_tokens:
+            raise ValueError(f"the value holds {header['cache']['kept']} tokens up to position {header['cache']['seq_len']}, "
+                             f"not block {index} (tokens {end - block_tokens}..{end - 1})")  # fmt: skip
+        size = kv_payload.positions_size(header)
+        self.decoder = StreamDecoder(header, view[at:at + size], dict(expect))
+        self.bodies = kv_payload.layer_bodies(header, view, at + size)
+        self.want = np.arange(end - block_tokens, end)
+
+    def next_layer(self) -> KVLayer:
+        _, table, body = next(self.bodies)
+        layer = self.decoder.add_layer(table, body)
+        if not np.array_equal(layer.positions[0, 0], self.want):
+            raise ValueError(f"the value holds positions {layer.positions[0, 0, :1].tolist()}.., not {self.want[0]}..")
+        return layer
+
+
+class BlockStream:
+    """Consecutive stored blocks, decoded one layer (of every block) at a time (:meth:`KVPool.stream`)."""
+
+    def __init__(self, pool: KVPool, readers: list[_BlockReader], hit: PoolHit):
+        self.pool, self.readers, self.hit = pool, readers, hit
+
+    def layers(self) -> Iterator[KVLayer]:
+        """Each layer of the blocks as one :class:`KVLayer`; a damaged block raises (its key deleted)."""
+        for _ in range(self.readers[0].decoder.header["cache"]["n_layers"]):
+            parts = []
+            for reader, key in zip(self.readers, self.hit.keys):
+                try:
+                    parts.append(reader.next_layer())
+                except (TensorwireError, ValueError) as exc:
+                    self.pool._bad(key, exc)
+                    raise
+            yield KVLayer(np.concatenate([p.keys for p in parts], axis=2), np.concatenate([p.values for p in parts], axis=2),
+                          np.concatenate([p.positions for p in parts], axis=2))  # fmt: skip
 
 
 def _pool_keys(client: Any, tenant: str | None = None):
