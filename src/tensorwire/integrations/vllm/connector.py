@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,18 @@ from .scheduler import ConnectorMetadata, SchedulerSide, WorkerReport
 __all__ = ["TensorwireConnector"]
 
 log = logging.getLogger("tensorwire.vllm")
+
+
+def _log_to_stderr() -> None:
+    """vLLM configures only its own loggers: give tensorwire's a handler in vLLM's processes
+    (level from ``TENSORWIRE_LOG``, default INFO), so decisions and transfers show in its log."""
+    root = logging.getLogger("tensorwire")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("(tensorwire pid=%(process)d) %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("TENSORWIRE_LOG", "INFO"))
+        root.propagate = False
 
 # vLLM is this module's reason to exist: its base classes are needed to define the connector.
 _base = require("vllm.distributed.kv_transfer.kv_connector.v1.base")
@@ -81,6 +94,7 @@ def _pool(settings: dict[str, Any], vllm_config: Any, library):
     pool = settings.get("pool")
     if not pool:
         return None, None
+    from ...kv.presets import PRESETS
     from ...serve.pool import KVPool, redis_client
     from ...serve.pool.session import pool_library
     from ...serve.workers.prefill import RAW, RAW_PIPELINE
@@ -92,9 +106,13 @@ def _pool(settings: dict[str, Any], vllm_config: Any, library):
     model = vllm_config.model_config
     store = KVPool(redis_client(url.get("host", "127.0.0.1"), int(url.get("port", 6379)), password, netns=pool.get("netns")),
                    model_id=f"vllm:{model.served_model_name or model.model}", tokenizer_id=str(model.tokenizer),
-                   pipelines={RAW: RAW_PIPELINE, **{p.name: p.pipeline for p in profiles}}, expect=_shape(vllm_config),
+                   pipelines={RAW: RAW_PIPELINE, LOSSLESS: PRESETS[LOSSLESS], **{p.name: p.pipeline for p in profiles}},
+                   expect=_shape(vllm_config),
                    block_tokens=int(pool.get("block_tokens", 256)))  # fmt: skip
     return store, profiles
+
+
+LOSSLESS = "lossless"  # a pool pipeline beside raw (bf16): bit-exact for vLLM's float32 caches
 
 
 def _bf16_bytes_per_token(shape: dict[str, int]) -> int:
@@ -106,6 +124,7 @@ class TensorwireConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        _log_to_stderr()
         settings = _settings(vllm_config)
         transfer_config = vllm_config.kv_transfer_config
         self.kv_role = {"kv_producer": "producer", "kv_consumer": "consumer"}.get(transfer_config.kv_role, "both")
@@ -219,7 +238,11 @@ def _decode_rates(pool, profiles) -> dict[str, float]:
     from ...serve.pool.store import pipeline_tag
     from ...serve.workers.prefill import RAW_PIPELINE
 
-    return {pipeline_tag(RAW_PIPELINE): 2e9, **{pipeline_tag(p.pipeline): p.decode_rate for p in profiles}}
+    from ...kv.presets import PRESETS
+
+    # raw and lossless decode at memory speed next to a network fetch (measured: >= 1 GB/s per thread)
+    return {pipeline_tag(RAW_PIPELINE): 2e9, pipeline_tag(PRESETS[LOSSLESS]): 1e9,
+            **{pipeline_tag(p.pipeline): p.decode_rate for p in profiles}}  # fmt: skip
 
 
 def _worker_side(settings, vllm_config, pool, profiles, library, kv_role: str, shape: dict[str, int]):

@@ -61,6 +61,7 @@ class Save:
     tenant: str
     store: str = "auto"  # the pool's profile ("auto": its controller picks), or "transfer" for a decode instance
     budget: tuple[float, float] = (math.inf, math.inf)  # max perplexity increase, max retrieval drop
+    compression: str = "auto"  # a transfer's: "auto" (the controller), "raw", "lossless" or a profile
 
 
 @dataclass
@@ -245,7 +246,7 @@ class SchedulerSide:
             if end == 0:
                 return None
             return Save(request_id, tracked.prompt, tracked.block_ids[:end // self.block_size], 0, end, tracked.tenant,
-                        store="transfer", budget=budget)  # fmt: skip
+                        store="transfer", budget=budget, compression=str(tracked.kv.get("compression", "auto")))  # fmt: skip
         if self.pool is None:
             return None
         store = str(tracked.kv.get("pool_store", self.store))

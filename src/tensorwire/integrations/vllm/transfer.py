@@ -16,6 +16,7 @@ the KV transfer (PROTOCOL.md section 8) or ``{"type": "error", "message"}`` →
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import threading
@@ -35,7 +36,7 @@ __all__ = ["Outbox", "pull"]
 
 log = logging.getLogger("tensorwire.vllm")
 
-RAW_PIPELINE = PRESETS["bf16"]
+FIXED = {"raw": PRESETS["bf16"], "lossless": PRESETS["lossless"]}  # "raw": the bf16 cache; "lossless": bit-exact
 
 
 class Outbox:
@@ -60,7 +61,7 @@ class Outbox:
         self.library = library
         self.controller = Controller(library, initial_bandwidth_bps=initial_bandwidth_bps if rate_bps is None else rate_bps)
         self.ttl_s, self.wait_s = ttl_s, wait_s
-        self._items: dict[str, tuple[KVCacheData, tuple[float, float], float]] = {}
+        self._items: dict[str, tuple[KVCacheData, tuple[float, float], str, float]] = {}
         self._ready = threading.Condition()
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -88,20 +89,25 @@ class Outbox:
         self._loop.run_until_complete(serve())
         self._loop.run_forever()
 
-    def put(self, request_id: str, data: KVCacheData, budget: tuple[float, float] = (math.inf, math.inf)) -> None:
+    def put(self, request_id: str, data: KVCacheData, budget: tuple[float, float] = (math.inf, math.inf),
+            compression: str = "auto") -> None:  # fmt: skip
+        """Keep ``data`` for ``request_id``; ``compression``: ``"auto"`` (the controller picks within
+        ``budget``), ``"raw"`` (bf16), ``"lossless"`` (bit-exact) or a profile of the library."""
+        if compression not in ("auto", *FIXED) and compression not in self.library.names:
+            raise ValueError(f"compression {compression!r} is not auto, raw, lossless or a profile of the library")
         now = time.monotonic()
         with self._ready:
-            for stale in [k for k, (_, _, t) in self._items.items() if now - t > self.ttl_s]:
+            for stale in [k for k, item in self._items.items() if now - item[-1] > self.ttl_s]:
                 del self._items[stale]
-            self._items[request_id] = (data, budget, now)
+            self._items[request_id] = (data, budget, compression, now)
             self._ready.notify_all()
 
-    def _take(self, request_id: str) -> tuple[KVCacheData, tuple[float, float]] | None:
+    def _take(self, request_id: str) -> tuple[KVCacheData, tuple[float, float], str] | None:
         """The cache of ``request_id``, waiting a while for a save still in flight."""
         with self._ready:
             self._ready.wait_for(lambda: request_id in self._items, timeout=self.wait_s)
             item = self._items.pop(request_id, None)
-        return None if item is None else item[:2]
+        return None if item is None else item[:3]
 
     async def _handle(self, conn) -> None:
         message = await conn.recv_message()
@@ -114,23 +120,25 @@ class Outbox:
         if item is None:
             await conn.send_message({"type": "error", "message": f"no KV cache for request {request_id!r} (expired or never saved)"})
             return
-        data, (max_ppl, max_retrieval) = item
+        data, (max_ppl, max_retrieval), compression = item
         decision = self.controller.choose(RequestContext(kv_bytes=data.nbytes(2), max_ppl_increase=max_ppl,
                                                          max_retrieval_drop=max_retrieval))  # fmt: skip
-        config = RAW_PIPELINE if decision.is_raw else self.library[decision.choice].pipeline
-        await conn.send_message({"type": "kv", "id": request_id, "profile": decision.choice})
+        profile = decision.choice if compression == "auto" else compression
+        config = FIXED.get(profile) or (FIXED["raw"] if decision.is_raw and compression == "auto" else
+                                        self.library[profile].pipeline)  # fmt: skip
+        await conn.send_message({"type": "kv", "id": request_id, "profile": profile})
         began = time.perf_counter()
         stream = await loop.run_in_executor(None, Pipeline.from_config(config).encode_stream, data)
         stats = await conn.send_kv(request_id, stream)
         reply = await conn.recv_message()
         latency = time.perf_counter() - began
         wire_s = reply.get("wire_s") or stats.wire_s
-        self.controller.observe(decision, observed_latency=latency, bytes_sent=stats.wire_bytes, transfer_time=wire_s)
-        self.transfers = [*self.transfers[-99:], {"id": request_id, "profile": decision.choice, "reason": decision.reason,
+        if profile == decision.choice:  # a forced profile's transfer says nothing about the controller's choice
+            self.controller.observe(decision, observed_latency=latency, bytes_sent=stats.wire_bytes, transfer_time=wire_s)
+        self.transfers = [*self.transfers[-99:], {"id": request_id, "profile": profile, "reason": decision.reason,
                                                   "kv_bytes_raw": data.nbytes(2), "kv_bytes_sent": stats.wire_bytes,
                                                   "seconds": latency, "wire_s": wire_s}]  # fmt: skip
-        log.info("sent the KV of %s: %s, %d of %d bytes in %.3f s", request_id, decision.choice, stats.wire_bytes,
-                 data.nbytes(2), latency)  # fmt: skip
+        log.info("transfer %s", json.dumps(self.transfers[-1]))  # one JSON object a line: benchmarks read it
 
     def close(self) -> None:
         async def stop() -> None:

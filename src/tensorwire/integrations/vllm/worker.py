@@ -78,7 +78,7 @@ class WorkerSide:
         self._step: _LayerLoads | None = None
         self._errors: set[int] = set()
         self._received: set[str] = set()
-        self._failed_requests: set[str] = set()
+        self._transfer_failed: dict[str, list[int]] = {}  # reported with the request's finished-receiving step
         self._lock = threading.Lock()
         self._io = ThreadPoolExecutor(2, thread_name_prefix="tensorwire-kv")
         self._report = WorkerReport()
@@ -166,7 +166,7 @@ class WorkerSide:
         except Exception as exc:  # any failure: vLLM recomputes the prompt
             log.warning("transfer for %s failed (%s: %s); vLLM recomputes it", load.request_id, type(exc).__name__, exc)
             with self._lock:
-                self._errors.update(load.block_ids)
+                self._transfer_failed[load.request_id] = list(load.block_ids)
                 self._received.add(load.request_id)
 
     # -- saves ---------------------------------------------------------------------------------
@@ -198,10 +198,9 @@ class WorkerSide:
     def _save(self, save: Save, data: KVCacheData) -> None:
         try:
             if save.store == "transfer":
-                self.outbox.put(save.request_id, data, save.budget)
+                self.outbox.put(save.request_id, data, save.budget, save.compression)
             elif self.session is not None:
-                self.session.store(save.prompt[:save.end] + [save.prompt[save.end]] if save.end < len(save.prompt)
-                                   else save.prompt, data, save.tenant, from_tokens=save.start, profile=save.store,
+                self.session.store(save.prompt, data, save.tenant, from_tokens=save.start, profile=save.store,
                                    max_ppl_increase=save.budget[0], max_retrieval_drop=save.budget[1])  # fmt: skip
         except Exception as exc:  # a save never fails a request
             log.warning("saving the KV of %s failed: %s: %s", save.request_id, type(exc).__name__, exc)
@@ -213,8 +212,12 @@ class WorkerSide:
         return errors
 
     def finished_receiving(self) -> set[str]:
+        """Requests whose transfer ended (vLLM asks this before :meth:`load_errors`, in the same step:
+        a failed transfer's blocks are reported then, with the request)."""
         with self._lock:
             done, self._received = self._received, set()
+            for request_id in done:
+                self._errors.update(self._transfer_failed.pop(request_id, ()))
         return done
 
     def report(self) -> WorkerReport | None:
