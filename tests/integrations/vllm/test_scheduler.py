@@ -130,6 +130,8 @@ def test_a_producer_saves_for_its_decode_instance_and_a_consumer_loads_asynchron
     consumer.allocated("d", prompt, [5, 6, 7, 8], 48, {"tensorwire_transfer": transfer})
     (load,) = consumer.build(output()).loads
     assert (load.transfer, load.block_ids, load.start, load.end) == (transfer, [5, 6, 7], 0, 48)
+    # vLLM asks again only when the load failed and it recomputes: no second load, no retry loop
+    assert consumer.matched("d", prompt, 0, {"tensorwire_transfer": transfer}) == (0, False)
 
 
 def test_the_plan_learns_the_prefill_speed_and_recomputes_when_fetching_would_be_slower(pool):

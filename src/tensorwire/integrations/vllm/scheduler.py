@@ -137,6 +137,7 @@ class SchedulerSide:
         self._matched: dict[str, tuple[int, PoolHit | None, dict[str, Any] | None]] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._loads: dict[str, Load] = {}
+        self._issued: set[str] = set()  # requests whose load was handed to the worker
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(1, thread_name_prefix="tensorwire-pool-lookup") if pool is not None else None
         self.decisions: dict[str, int] = {}
@@ -145,6 +146,8 @@ class SchedulerSide:
     def matched(self, request_id: str, prompt: list[int], num_computed: int,
                 kv_params: dict[str, Any] | None) -> tuple[int | None, bool]:  # fmt: skip
         """``(tokens to load beyond num_computed, load asynchronously)``; ``(None, False)``: ask again."""
+        if request_id in self._issued:
+            return 0, False  # asked again after a load was issued: it failed and vLLM recomputes (no retry loop)
         limit = (len(prompt) - 1) // self.block_size * self.block_size  # vLLM computes at least the last token
         transfer = (kv_params or {}).get("tensorwire_transfer")
         if transfer is not None and self.role in ("consumer", "both"):
@@ -187,6 +190,7 @@ class SchedulerSide:
             tracked.hit_tokens = hit.tokens if tokens else 0
         if num_external <= 0:
             return
+        self._issued.add(request_id)
         end = tokens
         start = end - num_external
         first_block = start // self.block_size
@@ -259,6 +263,7 @@ class SchedulerSide:
     # -- the rest ----------------------------------------------------------------------------------
     def finished(self, request_id: str) -> None:
         self._tracked.pop(request_id, None)
+        self._issued.discard(request_id)
         self._matched.pop(request_id, None)
         future = self._lookups.pop(request_id, None)
         if future is not None:
