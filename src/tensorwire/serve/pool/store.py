@@ -209,25 +209,7 @@ class KVPool:
         The prefix ends at the first block that is gone, damaged, or not the block its key
         names (a damaged one's key is deleted): the caller prefills from there.
         """
-        if not hit.blocks:
-            return None, hit
-        try:
-            values = self.client.mget(list(hit.keys))
-        except self._redis_errors as exc:
-            self._failed("fetch", exc)
-            return None, hit.truncated(0)
-        blocks: list[KVCacheData] = []
-        for i, value in enumerate(values):
-            if value is None:
-                self.stats.evicted_before_fetch += 1
-                break
-            try:
-                blocks.append(self._decode_block(value, i))
-            except (TensorwireError, ValueError) as exc:
-                self._bad(hit.keys[i], exc)
-                break
-        kept = hit.truncated(len(blocks))
-        self.stats.fetched_bytes += kept.nbytes
+        blocks, kept = self._read(hit, self._decode_block)
         return (concat(blocks) if blocks else None), kept
 
     def stream(self, hit: PoolHit, first_block: int = 0) -> tuple[BlockStream | None, PoolHit]:
@@ -236,26 +218,33 @@ class KVPool:
         ``first_block`` of the prompt. The prefix ends at the first block that is gone or whose
         header is bad; a layer that fails its checks later raises (and its key is deleted).
         """
+        readers, kept = self._read(hit, lambda value, i: _BlockReader(value, first_block + i, self.block_tokens,
+                                                                      self.expect))  # fmt: skip
+        return (BlockStream(self, readers, kept) if readers else None), kept
+
+    def _read(self, hit: PoolHit, read) -> tuple[list, PoolHit]:
+        """``read(value, i)`` of each of ``hit``'s values (one MGET), up to the first that is gone or
+        that ``read`` refuses (its key deleted); and the part of ``hit`` read."""
         if not hit.blocks:
-            return None, hit
+            return [], hit
         try:
             values = self.client.mget(list(hit.keys))
         except self._redis_errors as exc:
             self._failed("fetch", exc)
-            return None, hit.truncated(0)
-        readers = []
+            return [], hit.truncated(0)
+        out = []
         for i, value in enumerate(values):
             if value is None:
                 self.stats.evicted_before_fetch += 1
                 break
             try:
-                readers.append(_BlockReader(value, first_block + i, self.block_tokens, self.expect))
+                out.append(read(value, i))
             except (TensorwireError, ValueError) as exc:
                 self._bad(hit.keys[i], exc)
                 break
-        kept = hit.truncated(len(readers))
+        kept = hit.truncated(len(out))
         self.stats.fetched_bytes += kept.nbytes
-        return (BlockStream(self, readers, kept) if readers else None), kept
+        return out, kept
 
     def _bad(self, key: str, exc: BaseException) -> None:
         self.stats.bad_values += 1
