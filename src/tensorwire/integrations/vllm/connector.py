@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,7 @@ def _decode_rates(pool, profiles) -> dict[str, float]:
 
 
 def _worker_side(settings, vllm_config, pool, profiles, library, kv_role: str, shape: dict[str, int]):
+    from ...kv.presets import PRESETS
     from ...serve.auth import load_secret
     from ...serve.pool.session import PoolSession
     from ...serve.workers.prefill import RAW_PIPELINE
@@ -275,7 +277,31 @@ def _worker_side(settings, vllm_config, pool, profiles, library, kv_role: str, s
     def pull_transfer(t):
         return pull(t, secret=secret, expect=shape)
 
+    pipelines = [RAW_PIPELINE, PRESETS[LOSSLESS], *(p.pipeline for p in library)]
+    threading.Thread(target=_warm, args=(pipelines, shape), name="tensorwire-warm", daemon=True).start()
+
     return WorkerSide(layer_names, session=session, outbox=outbox, pull=pull_transfer if secret else None, cache_dtype=dtype)
+
+
+def _warm(pipelines: list[dict[str, Any]], shape: dict[str, int]) -> None:
+    """Encode and decode a small cache with every pipeline once, at start: the first use of a
+    pipeline compiles (or loads) its numba kernels, which must not land on a request's path.
+    The values are random: this warms code, it measures nothing."""
+    import numpy as np
+
+    from ...kv.stage import KVCacheData, KVLayer
+    from ...serve.calibration import warm
+
+    rng = np.random.default_rng(0)
+    dims = (1, shape["kv_heads"], 256, shape["head_dim"])
+    positions = np.broadcast_to(np.arange(256), dims[:3]).copy()
+    cache = KVCacheData([KVLayer(rng.standard_normal(dims, dtype=np.float32), rng.standard_normal(dims, dtype=np.float32),
+                                 positions) for _ in range(shape["n_layers"])], seq_len=256)  # fmt: skip
+    for config in pipelines:
+        try:
+            warm([config], cache)
+        except Exception as exc:  # a pipeline that cannot warm on random values still works on real ones
+            log.warning("warming %s failed: %s: %s", config, type(exc).__name__, exc)
 
 
 def _layer_names(vllm_config: Any) -> list[str] | None:
