@@ -71,6 +71,9 @@ class TensorwireWorkerMetadata(KVConnectorWorkerMetadata):
         return TensorwireWorkerMetadata(self.report.aggregate(other.report))
 
 
+LOSSLESS = "lossless"  # a pool pipeline beside raw (bf16): bit-exact for vLLM's float32 caches
+
+
 def _settings(vllm_config: Any) -> dict[str, Any]:
     return dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
 
@@ -113,9 +116,6 @@ def _pool(settings: dict[str, Any], vllm_config: Any, library):
     return store, profiles
 
 
-LOSSLESS = "lossless"  # a pool pipeline beside raw (bf16): bit-exact for vLLM's float32 caches
-
-
 def _bf16_bytes_per_token(shape: dict[str, int]) -> int:
     return shape["n_layers"] * 2 * shape["kv_heads"] * shape["head_dim"] * 2
 
@@ -136,9 +136,11 @@ class TensorwireConnector(KVConnectorBase_V1):
         pool, profiles = _pool(settings, vllm_config, library)
         transfer = dict(settings.get("transfer") or {})
         self.transfer_address = (transfer.get("host", "127.0.0.1"), int(transfer.get("port", 0)))
+        if self.kv_role == "producer" and not self.transfer_address[1]:
+            raise ValueError("a kv_producer's kv_connector_extra_config needs transfer.port: where its outbox listens "
+                             "for the decode instances (e.g. {\"transfer\": {\"host\": \"127.0.0.1\", \"port\": 7100}})")
         self._scheduler: SchedulerSide | None = None
         self._worker = None
-        self._pending_meta: TensorwireMetadata | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(
                 block_size=self.block_size, pool=pool, decode_bps=_decode_rates(pool, profiles),

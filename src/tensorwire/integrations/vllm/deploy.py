@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,7 @@ class Deployment:
         self.redis = None
         self._tmp = tempfile.TemporaryDirectory(prefix="tensorwire-vllm-")
         self.log_dir = Path(log_dir or self._tmp.name)
-        self._proxy_thread = None
+        self._proxy = None
 
     @property
     def url(self) -> str:
@@ -154,27 +153,17 @@ class Deployment:
         self._start_proxy()
 
     def _start_proxy(self) -> None:
-        import uvicorn
-
+        from ...serve.http.server import BackgroundServer
         from .proxy import create_proxy
 
         self.proxy_app = create_proxy(self.servers["prefill"], self.servers["decode"])
-        config = uvicorn.Config(self.proxy_app, host="127.0.0.1", port=self.port, log_level="warning")
-        self._proxy = uvicorn.Server(config)
-        self._proxy_thread = threading.Thread(target=self._proxy.run, name="tensorwire-vllm-proxy", daemon=True)
-        self._proxy_thread.start()
-        deadline = time.monotonic() + 30
-        while not self._proxy.started:
-            if time.monotonic() > deadline or not self._proxy_thread.is_alive():
-                raise RuntimeError(f"the proxy did not start on port {self.port}")
-            time.sleep(0.05)
+        self._proxy = BackgroundServer(self.proxy_app, port=self.port).start()
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
-        if self._proxy_thread is not None:
-            self._proxy.should_exit = True
-            self._proxy_thread.join(10)
-            self._proxy_thread = None
+        if self._proxy is not None:
+            self._proxy.stop()
+            self._proxy = None
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

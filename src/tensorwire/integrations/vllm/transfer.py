@@ -62,6 +62,7 @@ class Outbox:
         self.controller = Controller(library, initial_bandwidth_bps=initial_bandwidth_bps if rate_bps is None else rate_bps)
         self.ttl_s, self.wait_s = ttl_s, wait_s
         self._items: dict[str, tuple[KVCacheData, tuple[float, float], str, float]] = {}
+        self._pulled: dict[str, None] = {}  # recently pulled ids (bounded): a second pull is refused at once
         self._ready = threading.Condition()
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -105,8 +106,12 @@ class Outbox:
     def _take(self, request_id: str) -> tuple[KVCacheData, tuple[float, float], str] | None:
         """The cache of ``request_id``, waiting a while for a save still in flight."""
         with self._ready:
-            self._ready.wait_for(lambda: request_id in self._items, timeout=self.wait_s)
+            self._ready.wait_for(lambda: request_id in self._items or request_id in self._pulled, timeout=self.wait_s)
             item = self._items.pop(request_id, None)
+            if item is not None:
+                self._pulled[request_id] = None
+                while len(self._pulled) > 10_000:
+                    del self._pulled[next(iter(self._pulled))]
         return None if item is None else item[:3]
 
     async def _handle(self, conn) -> None:
@@ -118,7 +123,8 @@ class Outbox:
         loop = asyncio.get_running_loop()
         item = await loop.run_in_executor(None, self._take, request_id)
         if item is None:
-            await conn.send_message({"type": "error", "message": f"no KV cache for request {request_id!r} (expired or never saved)"})
+            await conn.send_message({"type": "error", "message": f"no KV cache for request {request_id!r} (pulled already, "
+                                                                 "expired or never saved)"})  # fmt: skip
             return
         data, (max_ppl, max_retrieval), compression = item
         decision = self.controller.choose(RequestContext(kv_bytes=data.nbytes(2), max_ppl_increase=max_ppl,
