@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM lives in its own environment: bash scripts/setup-vllm.sh, then "
                     ".venv-vllm/bin/python -m pytest tests/integrations/vllm")  # fmt: skip
 
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import httpx  # noqa: E402
@@ -71,6 +72,17 @@ def test_a_prefill_decode_pair_moves_the_kv_and_a_lossless_transfer_changes_no_t
         recomputed = complete(pd.servers["decode"], PROMPT, kv_transfer_params=gone)
         assert tokens(recomputed) == tokens(single)
         assert "transfer for" in (pd.log_dir / "decode.log").read_text(errors="replace")
+
+        # The decode instance crashes and restarts while a request comes: the proxy waits for it,
+        # asks again, and the restarted instance pulls the KV the prefill instance kept.
+        pd.kill("decode")
+        restart = threading.Thread(target=pd.restart, args=("decode",))
+        restart.start()
+        try:
+            after = complete(pd.url, PROMPT, kv_transfer_params={"tensorwire": {"compression": "lossless"}})
+        finally:
+            restart.join()
+        assert tokens(after) == tokens(single) and pd.proxy_app.state.retries == 1
 
 
 def test_a_prefix_reused_through_the_redis_pool():

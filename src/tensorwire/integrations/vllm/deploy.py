@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,6 +37,20 @@ CONNECTOR = {"kv_connector": "TensorwireConnector", "kv_connector_module_path": 
 
 
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range, for a server that binds it later.
+
+    A port the kernel hands out (bind to 0) can be handed out again, to one of the many
+    sockets vLLM's processes open, before our server binds it; one outside that range
+    cannot be.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(10_000, max(low, 10_001))
+        with contextlib.suppress(OSError), socket.create_server(("127.0.0.1", port)):
+            return port
     with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]
 
@@ -56,12 +71,14 @@ class Deployment:
         if connector not in ("tensorwire", "example"):
             raise ValueError(f"connector is 'tensorwire' or 'example' (vLLM's ExampleConnector, pd only), got {connector!r}")
         self.connector = connector
-        self.kind, self.port, self.gbps = kind, port or free_port(), gbps
+        # pd: the proxy binds its port itself (0: a free one, taken at bind time, not picked ahead)
+        self.kind, self.port, self.gbps = kind, port or (0 if kind == "pd" else free_port()), gbps
         self.model, self.max_model_len = model, max_model_len
         self.pool_block_tokens, self.pool_store = pool_block_tokens, pool_store
         self.extra = dict(extra or {})
         self.start_timeout_s = start_timeout_s
         self.procs: dict[str, subprocess.Popen] = {}
+        self._launch: dict[str, tuple[list[str], dict[str, str]]] = {}
         self.servers: dict[str, str] = {}
         self.redis = None
         self._tmp = tempfile.TemporaryDirectory(prefix="tensorwire-vllm-")
@@ -104,9 +121,25 @@ class Deployment:
                 "--served-model-name", "SmolLM2-135M-Instruct", "--dtype", "float32", "--enforce-eager",
                 "--max-model-len", str(self.max_model_len), "--no-enable-prefix-caching", "--host", "127.0.0.1",
                 "--port", str(port)] + (["--kv-transfer-config", json.dumps(config)] if role else [])  # fmt: skip
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._launch[name] = (argv, env)
+        self._spawn(name)
         self.servers[name] = f"http://127.0.0.1:{port}"
+
+    def _spawn(self, name: str) -> None:
+        argv, env = self._launch[name]
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one vLLM server (and its engine and worker processes), as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait()
+
+    def restart(self, name: str) -> None:
+        """Start a killed server again, same command and port; returns once it is healthy."""
+        self._spawn(name)
+        self._wait([name])
 
     def _wait(self, names: list[str]) -> None:
         httpx = __import__("httpx")
@@ -158,6 +191,7 @@ class Deployment:
 
         self.proxy_app = create_proxy(self.servers["prefill"], self.servers["decode"])
         self._proxy = BackgroundServer(self.proxy_app, port=self.port).start()
+        self.port = self._proxy.port
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
