@@ -17,7 +17,10 @@ pytest.importorskip("redis")
 from tensorwire.integrations.vllm.scheduler import SchedulerSide, WorkerReport  # noqa: E402
 from tensorwire.kv.presets import PRESETS  # noqa: E402
 from tensorwire.kv.stage import KVCacheData, KVLayer  # noqa: E402
-from tensorwire.serve.pool import KVPool, RedisServer, pipeline_tag  # noqa: E402
+from tensorwire.data import SMOLLM2_LIBRARY  # noqa: E402
+from tensorwire.kv.profiles import ProfileLibrary  # noqa: E402
+from tensorwire.serve.pool import KVPool, RedisServer  # noqa: E402
+from tensorwire.serve.pool.session import PoolSession, pool_library  # noqa: E402
 
 SHAPE = {"n_layers": 2, "kv_heads": 1, "head_dim": 4, "max_batch": 1, "max_seq_len": 4096}
 VLLM_BLOCK, POOL_BLOCK = 16, 32
@@ -45,9 +48,10 @@ def cache_of(tokens: int) -> KVCacheData:
                                 positions) for _ in range(2)], seq_len=tokens)  # fmt: skip
 
 
-def side(pool, **kwargs) -> SchedulerSide:
-    return SchedulerSide(block_size=VLLM_BLOCK, pool=pool, decode_bps={pipeline_tag(PRESETS["bf16"]): 1e9},
-                         block_raw_bytes=POOL_BLOCK * 2 * 2 * 4 * 2, **kwargs)  # fmt: skip
+def side(pool, initial_bandwidth_bps: float = 1e9, **kwargs) -> SchedulerSide:
+    session = PoolSession(pool, pool_library(ProfileLibrary.load(SMOLLM2_LIBRARY)), raw_pipeline=PRESETS["bf16"], raw_decode_bps=1e9,
+                          initial_bandwidth_bps=initial_bandwidth_bps, bytes_per_token=2 * 2 * 4 * 2)  # fmt: skip
+    return SchedulerSide(block_size=VLLM_BLOCK, session=session, **kwargs)
 
 
 def matched(s: SchedulerSide, request_id: str, prompt: list[int], computed: int = 0):
@@ -69,7 +73,7 @@ def test_the_first_answer_is_ask_again_and_a_miss_loads_nothing(pool):
     s = side(pool)
     assert s.matched("r1", list(range(100)), 0, None) == (None, False)  # the lookup runs in a thread
     assert matched(s, "r1", list(range(100))) == (0, False)
-    assert s.decisions == {"miss": 1}
+    assert pool.stats.decisions == {"miss": 1}
 
 
 def test_a_stored_prefix_is_loaded_in_whole_vllm_blocks_leaving_the_last_token(pool):
@@ -139,4 +143,4 @@ def test_the_plan_learns_the_prefill_speed_and_recomputes_when_fetching_would_be
     pool.store(prompt, cache_of(2 * POOL_BLOCK), "shared", "raw")
     s = side(pool, initial_bandwidth_bps=1.0)  # a pool link of 1 byte/s: recomputing is faster
     s.observe(WorkerReport(prefill_tokens=1000, prefill_s=0.5))
-    assert matched(s, "r", prompt) == (0, False) and s.decisions == {"recompute": 1}
+    assert matched(s, "r", prompt) == (0, False) and pool.stats.decisions == {"recompute": 1}

@@ -33,6 +33,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ...control.latency_model import gbps
 from ...errors import require
 from .layout import TileLayout
 from .scheduler import ConnectorMetadata, SchedulerSide, WorkerReport
@@ -141,15 +142,14 @@ class TensorwireConnector(KVConnectorBase_V1):
                              "for the decode instances (e.g. {\"transfer\": {\"host\": \"127.0.0.1\", \"port\": 7100}})")
         self._scheduler: SchedulerSide | None = None
         self._worker = None
+        session = _session(settings, pool, profiles, self.shape)
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(
-                block_size=self.block_size, pool=pool, decode_bps=_decode_rates(pool, profiles),
-                block_raw_bytes=(pool.block_tokens if pool else 0) * _bf16_bytes_per_token(self.shape),
-                initial_bandwidth_bps=float((settings.get("pool") or {}).get("gbps", 1.0)) * 1e9 / 8,
-                role=self.kv_role, tenant=str((settings.get("pool") or {}).get("tenant", "shared")),
-                store=str((settings.get("pool") or {}).get("store", "auto")), budget=budget)  # fmt: skip
+            pool_settings = settings.get("pool") or {}
+            self._scheduler = SchedulerSide(block_size=self.block_size, session=session, role=self.kv_role,
+                                            tenant=str(pool_settings.get("tenant", "shared")),
+                                            store=str(pool_settings.get("store", "auto")), budget=budget)  # fmt: skip
         else:
-            self._worker = _worker_side(settings, vllm_config, pool, profiles, library, self.kv_role, self.shape)
+            self._worker = _worker_side(settings, vllm_config, session, library, self.kv_role, self.shape)
 
     # -- scheduler side --------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -235,41 +235,38 @@ class TensorwireConnector(KVConnectorBase_V1):
             self._scheduler.close()
 
 
-def _decode_rates(pool, profiles) -> dict[str, float]:
+def _session(settings: dict[str, Any], pool, profiles, shape: dict[str, int]):
+    """The pool's PoolSession (what plans fetches and picks what to store with), or None without a pool."""
     if pool is None:
-        return {}
+        return None
+    from ...kv.presets import PRESETS
+    from ...serve.pool.session import PoolSession
     from ...serve.pool.store import pipeline_tag
     from ...serve.workers.prefill import RAW_PIPELINE
 
-    from ...kv.presets import PRESETS
-
     # raw and lossless decode at memory speed next to a network fetch (measured: >= 1 GB/s per thread)
-    return {pipeline_tag(RAW_PIPELINE): 2e9, pipeline_tag(PRESETS[LOSSLESS]): 1e9,
-            **{pipeline_tag(p.pipeline): p.decode_rate for p in profiles}}  # fmt: skip
+    return PoolSession(pool, profiles, raw_pipeline=RAW_PIPELINE, raw_decode_bps=2e9,
+                       other_decode_bps={pipeline_tag(PRESETS[LOSSLESS]): 1e9},
+                       initial_bandwidth_bps=gbps(float(settings["pool"].get("gbps", 1.0))),
+                       bytes_per_token=_bf16_bytes_per_token(shape))  # fmt: skip
 
 
-def _worker_side(settings, vllm_config, pool, profiles, library, kv_role: str, shape: dict[str, int]):
+def _worker_side(settings, vllm_config, session, library, kv_role: str, shape: dict[str, int]):
     from ...kv.presets import PRESETS
     from ...serve.auth import load_secret
-    from ...serve.pool.session import PoolSession
     from ...serve.workers.prefill import RAW_PIPELINE
     from .transfer import Outbox, pull
     from .worker import WorkerSide
 
     names = [f"model.layers.{i}.self_attn.attn" for i in range(shape["n_layers"])]
     layer_names = _layer_names(vllm_config) or names
-    session = None
-    if pool is not None:
-        session = PoolSession(pool, profiles, raw_pipeline=RAW_PIPELINE, raw_decode_bps=2e9,
-                              initial_bandwidth_bps=float(settings["pool"].get("gbps", 1.0)) * 1e9 / 8,
-                              bytes_per_token=_bf16_bytes_per_token(shape))  # fmt: skip
     transfer = dict(settings.get("transfer") or {})
     secret = None
     if kv_role in ("producer", "consumer"):
         secret = load_secret(settings.get("secret_file"))
     outbox = None
     if kv_role == "producer":
-        rate = float(transfer["gbps"]) * 1e9 / 8 if transfer.get("gbps") else None
+        rate = gbps(float(transfer["gbps"])) if transfer.get("gbps") else None
         outbox = Outbox(library, host=transfer.get("host", "127.0.0.1"), port=int(transfer.get("port", 0)), secret=secret,
                         rate_bps=rate)  # fmt: skip
         log.info("tensorwire outbox on %s:%d", outbox.host, outbox.port)

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...control.bandwidth import BandwidthEstimator
-from ...serve.pool.decide import PrefillSpeed, plan_fetch
-from ...serve.pool.store import KVPool, PoolHit
+from ...serve.pool.session import PoolSession
+from ...serve.pool.store import PoolHit
 
 __all__ = ["ConnectorMetadata", "Load", "Save", "SchedulerSide", "WorkerReport"]
 
@@ -106,10 +104,9 @@ class SchedulerSide:
     ----------
     block_size : int
         vLLM's block size (tokens); the pool's blocks are a multiple of it.
-    pool : KVPool, optional
-        The KV pool (None: no pool).
-    decode_bps : mapping
-        Decode throughput of each pool pipeline tag (bytes of bf16 cache per second).
+    session : PoolSession, optional
+        The KV pool and what plans its fetches (None: no pool); the worker's measurements
+        (:meth:`observe`) teach it the prefill speed and the pool's bandwidth.
     role : str
         ``"both"``, ``"producer"`` (a prefill instance: saves every prompt for its decode
         instance) or ``"consumer"`` (loads what ``kv_transfer_params`` names).
@@ -117,18 +114,14 @@ class SchedulerSide:
         The pool namespace of requests that name none in ``kv_transfer_params``.
     """
 
-    def __init__(self, *, block_size: int, pool: KVPool | None = None, decode_bps: dict[str, float] | None = None,
-                 block_raw_bytes: int = 0, initial_bandwidth_bps: float = 1e9, role: str = "both",
-                 tenant: str = "shared", store: str = "auto", budget: tuple[float, float] = (math.inf, math.inf)):  # fmt: skip
+    def __init__(self, *, block_size: int, session: PoolSession | None = None, role: str = "both", tenant: str = "shared",
+                 store: str = "auto", budget: tuple[float, float] = (math.inf, math.inf)):  # fmt: skip
+        pool = session.pool if session is not None else None
         if pool is not None and pool.block_tokens % block_size:
             raise ValueError(f"the pool's blocks ({pool.block_tokens} tokens) must be a multiple of vLLM's "
                              f"({block_size}): set the pool's block_tokens accordingly")  # fmt: skip
         self.block_size = int(block_size)
-        self.pool = pool
-        self.decode_bps = dict(decode_bps or {})
-        self.block_raw_bytes = int(block_raw_bytes)
-        self.bandwidth = BandwidthEstimator(initial=initial_bandwidth_bps)
-        self.prefill_speed = PrefillSpeed()
+        self.session, self.pool = session, pool
         self.role = role
         self.tenant = tenant
         self.store = store
@@ -138,9 +131,7 @@ class SchedulerSide:
         self._tracked: dict[str, _Tracked] = {}
         self._loads: dict[str, Load] = {}
         self._issued: set[str] = set()  # requests whose load was handed to the worker
-        self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(1, thread_name_prefix="tensorwire-pool-lookup") if pool is not None else None
-        self.decisions: dict[str, int] = {}
 
     # -- get_num_new_matched_tokens ------------------------------------------------------------
     def matched(self, request_id: str, prompt: list[int], num_computed: int,
@@ -170,11 +161,8 @@ class SchedulerSide:
         return (tokens - num_computed, False) if tokens > num_computed else (0, False)
 
     def _plan(self, hit: PoolHit, limit: int) -> int:
-        with self._lock:
-            plan = plan_fetch(hit, limit, bandwidth_bps=self.bandwidth.estimate or math.inf, decode_bps=self.decode_bps,
-                              block_raw_bytes=self.block_raw_bytes, prefill=self.prefill_speed)  # fmt: skip
-        decision = "fetch" if plan.fetch else ("recompute" if hit.blocks else "miss")
-        self.decisions[decision] = self.decisions.get(decision, 0) + 1
+        plan = self.session.plan(hit, limit)
+        self.session.count(plan, hit)
         log.info("pool: %s", plan.reason)
         return plan.blocks * hit.block_tokens
 
@@ -271,13 +259,12 @@ class SchedulerSide:
 
     def observe(self, report: WorkerReport | None) -> None:
         """Learn the prefill speed and the pool's bandwidth from what the worker measured."""
-        if report is None:
+        if report is None or self.session is None:
             return
-        with self._lock:
-            if report.prefill_tokens:
-                self.prefill_speed.observe(report.prefill_tokens, report.prefill_s)
-            if report.fetched_bytes and report.fetch_s > 0:
-                self.bandwidth.add_transfer(report.fetched_bytes, report.fetch_s)
+        if report.prefill_tokens:
+            self.session.observe_prefill(report.prefill_tokens, report.prefill_s)
+        if report.fetched_bytes and report.fetch_s > 0:
+            self.session.bandwidth.add_transfer(report.fetched_bytes, report.fetch_s)
 
     def close(self) -> None:
         if self._threads is not None:

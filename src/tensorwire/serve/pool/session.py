@@ -24,7 +24,7 @@ from ...kv.pipeline import Pipeline
 from ...kv.profiles import ProfileLibrary
 from ...kv.stage import KVCacheData
 from .decide import FetchPlan, PrefillSpeed, plan_fetch
-from .store import KVPool, pipeline_tag
+from .store import KVPool, PoolHit, pipeline_tag
 
 __all__ = ["FETCH_MODES", "PoolSession", "pool_library"]
 
@@ -50,17 +50,21 @@ class PoolSession:
         The raw (bf16) pipeline and its measured decode throughput.
     initial_bandwidth_bps : float
         The pool link's speed until fetches have measured it.
+    other_decode_bps : mapping, optional
+        Decode throughput of the pool's other pipelines (not raw, not in ``library``), by
+        pipeline tag.
     """
 
     def __init__(self, pool: KVPool, library: ProfileLibrary, *, raw_pipeline: Mapping[str, Any], raw_decode_bps: float,
-                 initial_bandwidth_bps: float, bytes_per_token: int, rtt_s: float = 0.0):  # fmt: skip
+                 initial_bandwidth_bps: float, bytes_per_token: int, rtt_s: float = 0.0,
+                 other_decode_bps: Mapping[str, float] | None = None):  # fmt: skip
         self.pool = pool
         self.controller = Controller(library, initial_bandwidth_bps=initial_bandwidth_bps)
         self.bandwidth = BandwidthEstimator(initial=initial_bandwidth_bps)
         self.prefill_speed = PrefillSpeed()
         self.bytes_per_token = int(bytes_per_token)
         self.rtt_s = float(rtt_s)
-        self.decode_bps = {pipeline_tag(raw_pipeline): float(raw_decode_bps),
+        self.decode_bps = {pipeline_tag(raw_pipeline): float(raw_decode_bps), **dict(other_decode_bps or {}),
                            **{pipeline_tag(p.pipeline): p.decode_rate for p in library}}  # fmt: skip
 
     @property
@@ -80,14 +84,10 @@ class PoolSession:
         cached = prompt[:-1]
         began = time.perf_counter()
         hit = self.pool.lookup(cached, tenant)
-        plan = plan_fetch(hit, len(cached), bandwidth_bps=self.bandwidth.estimate or math.inf,
-                          decode_bps=self.decode_bps, block_raw_bytes=self.block_raw_bytes,
-                          prefill=self.prefill_speed, rtt_s=self.rtt_s)  # fmt: skip
+        plan = self.plan(hit, len(cached))
         if fetch == "always" and hit.blocks:
             plan = FetchPlan(hit.blocks, plan.predicted_s, f"fetch all {hit.blocks} blocks: forced by the request")
-        info: dict[str, Any] = {"hit_tokens": hit.tokens, "decision": "fetch" if plan.fetch else
-                                ("recompute" if hit.blocks else "miss"), "reason": plan.reason}  # fmt: skip
-        self.pool.stats.decisions[info["decision"]] = self.pool.stats.decisions.get(info["decision"], 0) + 1
+        info: dict[str, Any] = {"hit_tokens": hit.tokens, "decision": self.count(plan, hit), "reason": plan.reason}
         if not plan.fetch:
             return None, info
         fetched_at = time.perf_counter()
@@ -98,6 +98,18 @@ class PoolSession:
         info.update(fetched_tokens=kept.tokens, fetched_bytes=kept.nbytes, fetch_s=fetch_s,
                     pool_s=time.perf_counter() - began)  # fmt: skip
         return data, info
+
+    def plan(self, hit: PoolHit, tokens: int) -> FetchPlan:
+        """How many of ``hit``'s blocks to fetch for a prompt of ``tokens`` tokens to cache, from
+        what this session measured (pool bandwidth, prefill speed) and the decode speeds."""
+        return plan_fetch(hit, tokens, bandwidth_bps=self.bandwidth.estimate or math.inf, decode_bps=self.decode_bps,
+                          block_raw_bytes=self.block_raw_bytes, prefill=self.prefill_speed, rtt_s=self.rtt_s)  # fmt: skip
+
+    def count(self, plan: FetchPlan, hit: PoolHit) -> str:
+        """The plan's decision (``fetch``, ``recompute``, ``miss``), counted in the pool's stats."""
+        decision = "fetch" if plan.fetch else ("recompute" if hit.blocks else "miss")
+        self.pool.stats.decisions[decision] = self.pool.stats.decisions.get(decision, 0) + 1
+        return decision
 
     def check_store_profile(self, profile: str) -> None:
         """Raise ValueError unless ``profile`` is ``"auto"``, ``"none"`` or one of the pool's pipelines."""
