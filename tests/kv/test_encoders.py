@@ -202,7 +202,7 @@ def test_quantize_frequencies_keeps_every_symbol_and_the_total():
     for counts in ([1, 10**9], [5], [3, 3, 3], list(range(1, 257)), [10**6] * 255 + [1], [0, 7, 0, 1]):
         counts = np.array(counts)
         freq = quantize_frequencies(counts)
-        assert freq.sum() == 1 << 16 and ((freq > 0) == (counts > 0)).all()
+        assert freq.sum() == 1 << 12 and ((freq > 0) == (counts > 0)).all()
     rows = np.array([[0, 5, 5, 0], [1, 0, 0, 0], [9, 9, 9, 1]])
     freq = quantize_frequencies(rows, total=256)
     assert (freq.sum(axis=1) == 256).all() and ((freq > 0) == (rows > 0)).all()
@@ -469,9 +469,10 @@ def test_enec_errors():
 
 def test_ans_errors():
     codes = np.array([0, 1, 1, 2, 1, 1, 0, 1] * 50, np.uint8)
-    data = ANS().encode(Plane(codes, bits=2))  # 1-D: one model (mode 0)
-    mode, bitmap, freq, words = data[:1], data[1:2], data[2:8], data[8:]
-    assert mode == b"\x00" and bitmap == b"\x07" and np.frombuffer(freq, "<u2").sum() == 1 << 16
+    data = ANS().encode(Plane(codes, bits=2))  # 1-D: one model (mode 2)
+    header, bitmap, freq, states, words = data[:3], data[3:4], data[4:10], data[10:42], data[42:]
+    assert header == bytes([2, 9, 8]) and bitmap == b"\x07" and np.frombuffer(freq, "<u2").sum() == 1 << 9
+    assert (np.frombuffer(states, "<u4") >= 1 << 15).all()
 
     def decode(stream, shape=(codes.size,), bits=2):
         return ANS().decode(stream, np.uint8, shape, bits)
@@ -479,24 +480,68 @@ def test_ans_errors():
     assert np.array_equal(decode(data), codes)
     with pytest.raises(Truncated, match="mode byte"):
         decode(b"")
-    with pytest.raises(CorruptData, match="ans mode 2"):
-        decode(b"\x02" + data[1:])
-    with pytest.raises(CorruptData, match="ans mode 1 for a plane of shape \\(400,\\)"):
-        decode(b"\x01" + data[1:])  # per-column models need a token axis
-    with pytest.raises(Truncated, match="bitmaps of 1 bytes end at byte 2"):
-        decode(mode)
+    with pytest.raises(CorruptData, match="ans mode 4"):
+        decode(b"\x04" + data[1:])
+    with pytest.raises(CorruptData, match="ans mode 3 for a plane of shape \\(400,\\)"):
+        decode(b"\x03" + data[1:])  # per-column models need a token axis
+    with pytest.raises(Truncated, match="3 header bytes"):
+        decode(data[:2])
+    with pytest.raises(CorruptData, match="probability bits 13 and lanes 8"):
+        decode(bytes([2, 13, 8]) + data[3:])
+    with pytest.raises(CorruptData, match="probability bits 9 and lanes 6"):
+        decode(bytes([2, 9, 6]) + data[3:])
+    with pytest.raises(CorruptData, match="more than its 2 probability slots"):
+        decode(bytes([2, 1, 8]) + data[3:])
+    with pytest.raises(Truncated, match="bitmaps of 1 bytes end at byte 4"):
+        decode(header)
     with pytest.raises(CorruptData, match="marks symbols >= 4"):
-        decode(mode + b"\x17" + data[2:])
+        decode(header + b"\x17" + data[4:])
     with pytest.raises(CorruptData, match="list 0..0 symbols"):
-        decode(mode + b"\x00")
+        decode(header + b"\x00")
     with pytest.raises(CorruptData, match="list 3..3 symbols"):
         decode(data, shape=(0,))
-    with pytest.raises(Truncated, match="frequencies end at byte 8"):
-        decode(data[:6])
+    with pytest.raises(Truncated, match="frequencies end at byte 10"):
+        decode(data[:8])
     zero = np.frombuffer(freq, "<u2").copy()
     zero[0], zero[1] = 0, zero[1] + zero[0]
     with pytest.raises(CorruptData, match="each be >= 1"):
-        decode(mode + bitmap + zero.tobytes() + words)
+        decode(header + bitmap + zero.tobytes() + states + words)
+    with pytest.raises(CorruptData, match="sum to 512"):
+        decode(header + bitmap + (np.frombuffer(freq, "<u2") // 2).tobytes() + states + words)
+    with pytest.raises(Truncated, match="before its 8 coder states"):
+        decode(header + bitmap + freq + states[:-4])
+    with pytest.raises(CorruptData, match="states 0\\.\\."):
+        decode(header + bitmap + freq + bytes(4) + states[4:] + words)
+    with pytest.raises(Truncated, match="whole number of 16-bit words"):
+        decode(data[:-1])
+    with pytest.raises(Truncated, match="ran out of words"):
+        decode(data[:-2])
+    with pytest.raises(CorruptData, match="read .* of .* ans words"):
+        decode(data + bytes(2))  # a word left over
+    with pytest.raises(CorruptData, match="another state"):
+        decode(data, shape=(10,))
+    altered = bytearray(data)
+    altered[50] ^= 0x10  # a flipped bit in a word: the decoder drifts and reads too many or too few
+    with pytest.raises((CorruptData, Truncated), match="ans"):
+        decode(bytes(altered))
+    constant = ANS().encode(Plane(np.full(9, 3, np.uint8), bits=2))
+    assert constant == bytes([2, 4, 8, 8])
+    with pytest.raises(CorruptData, match="single symbol, yet 4 bytes"):
+        decode(constant + bytes(4), shape=(9,))
+    assert ANS().encode(Plane(np.zeros(0, np.uint8), bits=8)) == bytes([2, 8, 8]) + bytes(32)
+
+
+def test_ans_legacy_errors():
+    """Modes 0 and 1 (constriction's 32-bit words) keep their checks."""
+    data = bytes.fromhex(LEGACY_ANS_PLANE)  # mode 0, 4 symbols, frequencies summing to 2**16
+    codes = golden_codes()
+    mode, bitmap, freq, words = data[:1], data[1:2], data[2:10], data[10:]
+    assert mode == b"\x00" and np.frombuffer(freq, "<u2").sum() == 1 << 16
+
+    def decode(stream, shape=codes.shape):
+        return ANS().decode(stream, np.uint8, shape, 2)
+
+    assert np.array_equal(decode(data), codes)
     with pytest.raises(CorruptData, match="sum to 65536"):
         decode(mode + bitmap + (np.frombuffer(freq, "<u2") // 2).tobytes() + words)
     with pytest.raises(Truncated, match="before any coded words"):
@@ -507,20 +552,29 @@ def test_ans_errors():
         decode(data + bytes(4))  # a stream never ends in a zero word
     with pytest.raises(CorruptData, match="left after 10 codes"):
         decode(data, shape=(10,))
-    constant = ANS().encode(Plane(np.full(9, 3, np.uint8), bits=2))
-    assert constant == b"\x00\x08"
-    with pytest.raises(CorruptData, match="single symbol, yet 4 bytes"):
-        decode(constant + bytes(4), shape=(9,))
-    assert ANS().encode(Plane(np.zeros(0, np.uint8), bits=8)) == bytes(33)
 
 
 # Streams written by this version (never regenerate: a payload on disk or on the wire must
-# keep decoding). The ANS ones also pin constriction's model construction from the tables.
+# keep decoding).
 GOLDEN_ANS_COLUMNS = (
+    "0309080906d001300078008801ee595940fed8f33f57530a406de76b13522f4440611fae06bb648440d670dd3fd71abcf151cb62"
+    "10dd47d2f62a235c2c29b51b300080013c5988997e51f8ae24ca2d85962f4dfe18865c52d770443f31303a70c7685c286e68e868"
+    "f6284450bc"
+)
+GOLDEN_ANS_PLANE = (
+    "020a080fd001780088013000fb5734013b620c00cae41f0019730c002be55001e4ce0c00699034012ce6030064276756d44a4867"
+    "09e09440ed981675b616a483685b6c5ad2f01da953016b2c4fbadb329b5ae1a287b121356e353f84f25e848b63c71693667a54a9"
+    "41bed1b881b3c8e44f47c559018b8a06a9a7ec7d8ca05b581b1cf11047f26d66fd59030a5dcc0a191a61eaa8e731250b92dfa4ea"
+    "b635a5a579856900a8fba68ff7e1a61fb472ad12ae7c5b3465b78bc451e5a2360ef730df8adb66bbe468f1c00a389a11097b6f1b"
+    "4f2ffe0a53a0e2ecec846d516cd6801f614b1e9e0000002c9095a019b8d6d8e568aea89b"
+)
+# The first version of the ans stream (modes 0 and 1, constriction's coder), written until
+# 2026-12: decoded, no longer written. They also pin constriction's model construction.
+LEGACY_ANS_COLUMNS = (
     "0109067fe88117813b7fc400b2d93d30ead747cce6cbccb01642b0b63ae2f5f363b4312f945b93a399409697cfa850b9d6e55c32"
     "dd83adacf81fa5fb5162cc85f16a3384e6af966bff1d13defa495dba4656899e7180decc75fd09a3010000"
 )
-GOLDEN_ANS_PLANE = (
+LEGACY_ANS_PLANE = (
     "000f3f74c11d3f62c10bff302baa3b327acfa8369c9bfa7b9a6b8097984b7e0f71c54f7cf674ca7c77093da08ee0d9b1c0c67570"
     "b7479c572566d3774af6bf0135bb78a00014b343a414a70ef4e2e7a2933950db2084c2c0306311114d75b40d694bb452a5fa17f1"
     "e005bee96d2e709b297a828f64e91889f736bd22957e1a2a991a7c36b7e5b61a0d1481ad20cdc20a296a6d2a1c978be10b6f20d8"
@@ -551,12 +605,17 @@ def test_golden_streams(encoder, golden, codes):
     assert encoder.encode(Plane(codes, bits=2)) == data
 
 
+@pytest.mark.parametrize("legacy", [LEGACY_ANS_COLUMNS, LEGACY_ANS_PLANE], ids=["columns", "plane"])
+def test_legacy_ans_streams_still_decode(legacy):
+    assert np.array_equal(ANS().decode(bytes.fromhex(legacy), np.uint8, golden_codes().shape, 2), golden_codes())
+
+
 def test_ans_column_models():
     """Per-column models pay on key-like codes (channels of different spread) with many tokens."""
     codes = quantize(kv_like((1, 3, 2048, 64), seed=9), 2)
     plane = Plane(codes, bits=2)
     column, single = ANS(context="column").encode(plane), ANS(context="none").encode(plane)
-    assert column[0] == 1 and single[0] == 0
+    assert column[0] == 3 and single[0] == 2
     assert len(column) < 0.9 * len(single)
     assert np.array_equal(ANS().decode(column, np.uint8, codes.shape, 2), codes)
     assert np.array_equal(ANS().decode(single, np.uint8, codes.shape, 2), codes)  # the mode is in the stream
@@ -565,10 +624,10 @@ def test_ans_column_models():
     # A column that is constant codes nothing; one column with a single value among varied ones.
     mixed = codes[:, :1].copy()
     mixed[..., 5] = 3
-    assert ANS().encode(Plane(mixed, bits=2))[0] == 1
+    assert ANS().encode(Plane(mixed, bits=2))[0] == 3
     roundtrip(ANS(), Plane(mixed, bits=2))
     data = bytearray(ANS().encode(Plane(mixed, bits=2)))
-    first_bitmap = 1
+    first_bitmap = 3
     data[first_bitmap] = 0  # a column without symbols
     with pytest.raises(CorruptData, match="list 0..4 symbols"):
         ANS().decode(bytes(data), np.uint8, mixed.shape, 2)

@@ -1,11 +1,10 @@
 """The ``ans`` array encoder: rANS entropy coding of code planes with static per-plane models.
 
-Code planes (uint8, ``bits`` in 1..8) are coded with the range variant of asymmetric
-numeral systems from the `constriction <https://bamler-lab.github.io/constriction/>`_
-library (``constriction.stream.stack.AnsCoder``, 32-bit words, 24-bit probabilities),
-under static categorical models built from the plane's own histograms. Only the symbols
-that occur get probability mass, so unlike a Huffman code (at least one bit per value) a
-skewed 2-bit plane costs close to its entropy, e.g. 0.3 bits per value.
+Code planes (uint8, ``bits`` in 1..8) are coded with range asymmetric numeral systems
+(rANS) under static models built from the plane's own histograms, by the interleaved
+numba coder of :mod:`tensorwire.kv.encoders.rans`. Only the symbols that occur get
+probability mass, so unlike a Huffman code (at least one bit per value) a skewed 2-bit
+plane costs close to its entropy, e.g. 0.3 bits per value.
 
 Models (``context``):
 
@@ -21,33 +20,42 @@ Models (``context``):
 
 Stream layout of a code plane (little-endian; ``n``, ``shape`` and ``bits`` come from the caller)::
 
-    u8  mode                          0: one model; 1: one model per column
+    u8  mode                          2: one model; 3: one model per column
+    u8  prob_bits                     P, 1..12: frequencies sum to 2**P
+    u8  lanes                         interleaved coder states, a power of two, 1..64
     u8  present[m][ceil(2**bits/8)]   per model, bit s (LSB-first) set when symbol s occurs
     u16 freq[...]                     per model with k >= 2 symbols present: k frequencies
-    u32 words[...]                    AnsCoder.get_compressed(); none when no model has k >= 2
+    u32 states[lanes]                 the coder's final states; absent when no model has k >= 2
+    u16 words[...]                    the coder's words, in decoding order
 
-``m = 1`` in mode 0; in mode 1 ``m = n / shape[-2]`` models in the C order of the
-plane's other axes. ``freq`` holds a model's quantised frequency of each present symbol
-in increasing symbol order, each at least 1, summing to exactly ``2**16``. Coder and
-decoder build each model as ``constriction.stream.model.Categorical(freq / 2**16,
-perfect=False)`` over the indices ``0..k-1`` of its present symbols; the stream depends
-on that exact model construction (constriction >= 0.4; the format is pinned to it). The
-models' values are coded in order (mode 1: column after column, each along the tokens),
-and a model with one symbol (a constant column) codes nothing. The decoder maps indices
-back through the ``present`` table, so it cannot produce a value the encoder did not
-see, let alone one ``>= 2**bits``.
+``m = 1`` in mode 2; in mode 3 ``m = n / shape[-2]`` models in the C order of the plane's
+other axes. ``freq`` holds a model's frequency of each present symbol in increasing
+symbol order, each at least 1, summing to exactly ``2**P`` (so ``2**P >= k``). The coded
+sequence is the values of the models with two or more symbols, model after model (mode 3:
+column after column, each along the tokens); a model with one symbol (a constant column)
+codes nothing. Value ``i`` of the sequence is coded by lane ``i % lanes``, exactly as
+:mod:`tensorwire.kv.encoders.rans` specifies (states in ``[2**15, 2**31)``, 16-bit words,
+symbol ``s`` of a model owning the slots ``[cum_s, cum_s + freq_s)``). The decoder cannot
+produce a value the encoder did not see, let alone one ``>= 2**bits``.
+
+Modes 0 and 1 are the first version of the stream, written until 2026-12 and still
+decoded: the same models with frequencies summing to ``2**16`` and no ``prob_bits`` or
+``lanes`` bytes, coded by ``constriction.stream.stack.AnsCoder`` (32-bit words, models
+``constriction.stream.model.Categorical(freq / 2**16, perfect=False)`` over the indices of
+the present symbols), its ``get_compressed()`` words stored as ``u32`` after the tables.
+They ran at about 0.07 GB/s of bf16 KV; the lane coder runs several times faster.
 
 Float planes are not entropy coded: ``ans`` stores them as their little-endian bytes,
 exactly as :class:`~tensorwire.kv.encoders.raw.Raw` does (their exponents are what
 compresses; use :class:`~tensorwire.kv.encoders.enec.Enec` for that).
 
-The decoder checks the tables (mode, reserved bits, symbols present in every model,
-frequencies that sum to ``2**16``), that there are words when some model has two or more
-symbols and that they end on a word boundary, and that the coder is empty after ``n``
-values, which catches most truncations and many alterations; others decode to wrong
-codes of the right shape: integrity is the payload's job, whose checksums cover every
-stream. ANS streams do not bound ``n``: a run of the most likely symbol can cost no bits
-at all, so the plane size is the caller's to check.
+The decoder checks the header and tables (mode, ``prob_bits``, ``lanes``, reserved bits,
+symbols present in every model, frequencies that sum to ``2**P``), that the states are in
+range and the words whole, and that decoding ``n`` values reads every word and returns
+every lane to its initial state. That catches truncation and most alterations; others
+decode to wrong codes of the right shape: integrity is the payload's job, whose checksums
+cover every stream. ANS streams do not bound ``n``: a run of the most likely symbol can
+cost no bits at all, so the plane size is the caller's to check.
 """
 
 from __future__ import annotations
@@ -59,22 +67,36 @@ import numpy as np
 
 from ...errors import CorruptData, Truncated, require
 from ..stage import ArrayEncoder, Plane
+from . import rans
 from .bitpack import check_codes
 from .streams import as_bytes, check_request, decode_floats, encode_floats, plane_values
 
-__all__ = ["ANS", "CONTEXTS", "MODE_COLUMNS", "MODE_PLANE", "PROBABILITY_BITS", "quantize_frequencies"]
+__all__ = ["ANS", "CONTEXTS", "LANES", "MODE_COLUMNS", "MODE_PLANE", "quantize_frequencies"]
 
 CONTEXTS: tuple[str, ...] = ("none", "column")
-MODE_PLANE = 0
-MODE_COLUMNS = 1
-PROBABILITY_BITS = 16  # frequencies in the stream sum to 2**16 (part of the format)
-_TOTAL = 1 << PROBABILITY_BITS
+MODE_PLANE = 2
+MODE_COLUMNS = 3
+LEGACY_PLANE, LEGACY_COLUMNS = 0, 1  # constriction's streams, decoded only
+LEGACY_PROBABILITY_BITS = 16
+LANES = 8  # enough independent states for a CPU to overlap; more only add 4 bytes each
+MAX_LANES = 64
 _FREQ = np.dtype("<u2")
-_WORD = np.dtype("<u4")
+_STATE = np.dtype("<u4")
+_WORD = np.dtype("<u2")
+_LEGACY_WORD = np.dtype("<u4")
 TOKEN_AXIS = -2  # columns run along this axis (tokens in (batch, heads, tokens, head_dim))
 
 
-def quantize_frequencies(counts: np.ndarray, total: int = _TOTAL) -> np.ndarray:
+def probability_bits(bits: int, length: int) -> int:
+    """The encoder's precision: enough for ``length`` values per model, at most 12 bits.
+
+    Finer than a model's sample count buys nothing, and the decoder's table holds
+    ``2**P`` slots per model.
+    """
+    return max(bits, min(rans.MAX_PROB_BITS, int(np.ceil(np.log2(max(length, 2))))))
+
+
+def quantize_frequencies(counts: np.ndarray, total: int = 1 << rans.MAX_PROB_BITS) -> np.ndarray:
     """Integer frequencies proportional to ``counts``: >= 1 where a count is, summing to ``total`` per row.
 
     Largest-remainder rounding of ``counts * (total - k) / sum(counts)``, plus one for
@@ -116,22 +138,10 @@ def quantize_frequencies(counts: np.ndarray, total: int = _TOTAL) -> np.ndarray:
     return freq.reshape(counts.shape)
 
 
-def _model(freq: np.ndarray):
-    constriction = require("constriction")
-    return constriction.stream.model.Categorical(freq.astype(np.float64) / _TOTAL, perfect=False)
-
-
 def _column_view(codes: np.ndarray) -> np.ndarray:
     """The plane as ``(columns, tokens)``: row ``c`` is one column along the token axis."""
     tokens = codes.shape[TOKEN_AXIS]
     return np.moveaxis(codes, TOKEN_AXIS, -1).reshape(-1, tokens)
-
-
-def _histograms(groups: np.ndarray, alphabet: int) -> np.ndarray:
-    """``(rows, alphabet)`` symbol counts of a ``(rows, length)`` uint8 array."""
-    rows = groups.shape[0]
-    keys = (np.arange(rows, dtype=np.int64)[:, None] * alphabet + groups).reshape(-1)
-    return np.bincount(keys, minlength=rows * alphabet).reshape(rows, alphabet)
 
 
 def _estimated_bytes(counts: np.ndarray, bitmap_bytes: int) -> float:
@@ -146,11 +156,11 @@ def _estimated_bytes(counts: np.ndarray, bitmap_bytes: int) -> float:
 
 @dataclass(frozen=True)
 class ANS(ArrayEncoder):
-    """Entropy code a code plane with rANS under its own static histograms (``constriction``).
+    """Entropy code a code plane with interleaved rANS under its own static histograms.
 
-    Slower than ``raw`` or ``enec`` (tens of MB/s) but the smallest of them on skewed
-    codes: within a fraction of a percent of the plane's order-0 entropy (per column
-    with ``context="column"``) plus its tables. Float planes are stored raw.
+    The smallest of the array encoders on skewed codes: within a fraction of a percent of
+    the plane's order-0 entropy (per column with ``context="column"``) plus its tables.
+    Float planes are stored raw.
 
     Parameters
     ----------
@@ -165,8 +175,8 @@ class ANS(ArrayEncoder):
     >>> p = [0.02, 0.48, 0.48, 0.02]
     >>> codes = np.random.default_rng(0).choice(4, size=(1, 3, 300, 64), p=p).astype(np.uint8)
     >>> data = ANS(context="none").encode(Plane(codes, bits=2))
-    >>> round(len(data) * 8 / codes.size, 2)  # bits per code: the entropy is 1.24
-    1.24
+    >>> round(len(data) * 8 / codes.size, 2)  # bits per code: the entropy is 1.24, tables and states 0.006
+    1.25
     >>> bool((ANS().decode(data, np.uint8, codes.shape, 2) == codes).all())
     True
     """
@@ -187,30 +197,27 @@ class ANS(ArrayEncoder):
         alphabet = 1 << bits
         bitmap_bytes = (alphabet + 7) // 8
         mode, groups = MODE_PLANE, values.reshape(1, -1)
-        counts = _histograms(groups, alphabet)
         shape = plane.data.shape
-        if self.context == "column" and len(shape) >= 2 and values.size:
-            columns = _column_view(values.reshape(shape))
-            column_counts = _histograms(columns, alphabet)
-            if _estimated_bytes(column_counts, bitmap_bytes) < _estimated_bytes(counts, bitmap_bytes):
-                mode, groups, counts = MODE_COLUMNS, columns, column_counts
+        if len(shape) >= 2 and values.size:
+            column_counts = rans.column_counts(values.reshape(-1, shape[TOKEN_AXIS], shape[-1]), alphabet)
+            counts = column_counts.sum(axis=0, keepdims=True)
+            if self.context == "column" and (
+                _estimated_bytes(column_counts, bitmap_bytes) < _estimated_bytes(counts, bitmap_bytes)
+            ):
+                mode, groups, counts = MODE_COLUMNS, _column_view(values.reshape(shape)), column_counts
+        else:
+            counts = np.bincount(values.reshape(-1), minlength=alphabet)[None, :]
+        prob_bits = probability_bits(bits, groups.shape[1])
         present = counts > 0
         bitmaps = np.packbits(present, axis=1, bitorder="little")
         coded = np.flatnonzero(present.sum(axis=1) >= 2)  # groups with one symbol (or none) code nothing
-        freq = quantize_frequencies(counts[coded])
-        tables = [f[p].astype(_FREQ).tobytes() for f, p in zip(freq, present[coded])]
-        words = b""
+        freq = quantize_frequencies(counts[coded], total=1 << prob_bits)
+        tables = freq[present[coded]].astype(_FREQ).tobytes()  # row by row, present symbols in order
+        coder = b""
         if coded.size:
-            constriction = require("constriction")
-            coder = constriction.stream.stack.AnsCoder()
-            index = np.zeros(alphabet, dtype=np.int32)
-            for at in reversed(range(coded.size)):  # a stack: the last group coded is the first decoded
-                row = coded[at]
-                symbols = np.flatnonzero(present[row])
-                index[symbols] = np.arange(symbols.size, dtype=np.int32)
-                coder.encode_reverse(index[groups[row]], _model(freq[at][symbols]))
-            words = coder.get_compressed().astype(_WORD, copy=False).tobytes()
-        return b"".join([bytes([mode]), bitmaps.tobytes(), *tables, words])
+            states, words = rans.encode(groups, coded, freq, prob_bits, LANES)
+            coder = states.astype(_STATE).tobytes() + words.astype(_WORD, copy=False).tobytes()
+        return b"".join([bytes([mode, prob_bits, LANES]), bitmaps.tobytes(), tables, coder])
 
     def decode(self, data: bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...], bits: int | None) -> np.ndarray:
         dtype, name, shape, n = check_request(dtype, shape, bits)
@@ -220,24 +227,37 @@ class ANS(ArrayEncoder):
         if buf.size < 1:
             raise Truncated("an ans stream of codes starts with a mode byte, got 0 bytes")
         mode = int(buf[0])
-        if mode == MODE_PLANE:
+        legacy = mode in (LEGACY_PLANE, LEGACY_COLUMNS)
+        if mode in (MODE_PLANE, LEGACY_PLANE):
             groups, length = 1, n
-        elif mode == MODE_COLUMNS and len(shape) >= 2 and n:
+        elif mode in (MODE_COLUMNS, LEGACY_COLUMNS) and len(shape) >= 2 and n:
             length = shape[TOKEN_AXIS]
             groups = n // length
         else:
             raise CorruptData(
-                f"ans mode {mode} for a plane of shape {shape}; expected mode 0, or 1 for a non-empty plane "
-                "of 2 or more dimensions. The stream is corrupt"
+                f"ans mode {mode} for a plane of shape {shape}; expected mode 2 (or 0), or 3 (or 1) for a non-empty "
+                "plane of 2 or more dimensions. The stream is corrupt"
             )
+        if legacy:
+            prob_bits, lanes, header = LEGACY_PROBABILITY_BITS, 0, 1
+        else:
+            if buf.size < 3:
+                raise Truncated(f"an ans stream starts with 3 header bytes, got {buf.size}")
+            prob_bits, lanes, header = int(buf[1]), int(buf[2]), 3
+            if not 1 <= prob_bits <= rans.MAX_PROB_BITS or lanes not in [1 << i for i in range(7)]:
+                raise CorruptData(
+                    f"ans probability bits {prob_bits} and lanes {lanes}; expected 1..{rans.MAX_PROB_BITS} "
+                    f"and a power of two up to {MAX_LANES}. The stream is corrupt"
+                )
+        total = 1 << prob_bits
         alphabet = 1 << bits
         bitmap_bytes = (alphabet + 7) // 8
-        freq_at = 1 + groups * bitmap_bytes
+        freq_at = header + groups * bitmap_bytes
         if buf.size < freq_at:
             raise Truncated(
                 f"{groups} symbol bitmaps of {bitmap_bytes} bytes end at byte {freq_at}, the stream has {buf.size}"
             )
-        masks = np.unpackbits(buf[1:freq_at].reshape(groups, bitmap_bytes), axis=1, bitorder="little")
+        masks = np.unpackbits(buf[header:freq_at].reshape(groups, bitmap_bytes), axis=1, bitorder="little")
         if masks[:, alphabet:].any():
             raise CorruptData(
                 f"a symbol bitmap marks symbols >= {alphabet} for {bits}-bit codes; the stream is corrupt"
@@ -249,6 +269,10 @@ class ANS(ArrayEncoder):
                 f"symbol bitmaps list {int(k.min())}..{int(k.max())} symbols for models of {length} values each; "
                 "the stream is corrupt"
             )
+        if k.max(initial=0) > total:
+            raise CorruptData(
+                f"a model lists {int(k.max())} symbols, more than its {total} probability slots; the stream is corrupt"
+            )
         coded = np.flatnonzero(k >= 2)
         words_at = freq_at + _FREQ.itemsize * int(k[coded].sum())
         if buf.size < words_at:
@@ -256,21 +280,11 @@ class ANS(ArrayEncoder):
         freqs = buf[freq_at:words_at].view(_FREQ).astype(np.int64)
         if coded.size:
             starts = np.concatenate([[0], np.cumsum(k[coded])[:-1]])
-            if freqs.min() < 1 or (np.add.reduceat(freqs, starts) != _TOTAL).any():
+            if freqs.min() < 1 or (np.add.reduceat(freqs, starts) != total).any():
                 raise CorruptData(
-                    f"the symbol frequencies of every model must each be >= 1 and sum to {_TOTAL}; the stream is corrupt"
+                    f"the symbol frequencies of every model must each be >= 1 and sum to {total}; the stream is corrupt"
                 )
         rest = buf.size - words_at
-        if rest % _WORD.itemsize:
-            raise Truncated(
-                f"the ans words are {rest} bytes, not a whole number of 32-bit words; "
-                "the stream was cut (or has stray bytes appended)"
-            )
-        if coded.size and not rest:
-            # Coding any symbol but index 0 leaves the coder's state non-zero for good, so a
-            # model of two or more symbols always leaves words (an empty coder would silently
-            # decode index 0 forever).
-            raise Truncated("the ans stream ends after its frequency tables, before any coded words")
         if not coded.size and rest:
             raise CorruptData(
                 f"every model has a single symbol, yet {rest} bytes of words follow; the stream is corrupt"
@@ -279,28 +293,71 @@ class ANS(ArrayEncoder):
         single = np.flatnonzero(k == 1)
         out[single] = np.argmax(masks[single], axis=1)[:, None].astype(np.uint8)
         if coded.size:
-            self._decode_words(buf[words_at:], masks, k, coded, freqs, out)
-        if mode == MODE_COLUMNS:
+            if legacy:
+                _decode_legacy(buf[words_at:], masks, k, coded, freqs, out)
+            else:
+                table = np.zeros((coded.size, alphabet), dtype=np.int64)
+                table[masks[coded]] = freqs
+                _decode_lanes(buf[words_at:], lanes, table, prob_bits, coded, out)
+        if mode in (MODE_COLUMNS, LEGACY_COLUMNS):
             moved = shape[:TOKEN_AXIS] + shape[TOKEN_AXIS + 1 :] + (length,)
             return np.ascontiguousarray(np.moveaxis(out.reshape(moved), -1, TOKEN_AXIS))
         return out.reshape(shape)
 
-    @staticmethod
-    def _decode_words(words_buf, masks, k, coded, freqs, out) -> None:
-        constriction = require("constriction")
-        words = words_buf.view(_WORD).astype(np.uint32)  # native order, owned by constriction
-        try:
-            coder = constriction.stream.stack.AnsCoder(words)
-            at = 0
-            for row in coded:
-                symbols = np.flatnonzero(masks[row]).astype(np.uint8)
-                index = coder.decode(_model(freqs[at : at + k[row]]), out.shape[1])
-                out[row] = symbols[index]
-                at += k[row]
-        except (ValueError, RuntimeError, OverflowError) as exc:
-            raise CorruptData(f"the ans words are not a valid rANS stream ({exc}); the stream is corrupt") from exc
-        if not coder.is_empty():
-            raise CorruptData(
-                f"{coder.num_words()} words of the ans stream are left after {out.size} codes; "
-                "the stream is corrupt or was written for another shape"
-            )
+
+def _decode_lanes(buf: np.ndarray, lanes: int, freq: np.ndarray, prob_bits: int, coded: np.ndarray, out: np.ndarray) -> None:
+    states_bytes = lanes * _STATE.itemsize
+    if buf.size < states_bytes:
+        raise Truncated(f"the ans stream ends before its {lanes} coder states ({buf.size} of {states_bytes} bytes)")
+    if (buf.size - states_bytes) % _WORD.itemsize:
+        raise Truncated(
+            f"the ans words are {buf.size - states_bytes} bytes, not a whole number of 16-bit words; "
+            "the stream was cut (or has stray bytes appended)"
+        )
+    states = buf[:states_bytes].view(_STATE).astype(np.int64)
+    if states.min() < rans.LOWER or states.max() >= rans.LOWER << 16:
+        raise CorruptData(
+            f"ans coder states {states.min()}..{states.max()} outside [{rans.LOWER}, {rans.LOWER << 16}); "
+            "the stream is corrupt"
+        )
+    words = buf[states_bytes:].view(_WORD).astype(np.uint16)
+    read, exact = rans.decode(words, states, freq, prob_bits, coded, out)
+    if read > words.size:
+        raise Truncated(f"the ans stream ran out of words after {words.size} words; it was cut or is corrupt")
+    if not exact:
+        raise CorruptData(
+            f"decoding {out.shape[0] * out.shape[1]} codes read {read} of {words.size} ans words and left the coder "
+            "in another state than it started; the stream is corrupt or was written for another shape"
+        )
+
+
+def _decode_legacy(buf: np.ndarray, masks, k, coded, freqs, out) -> None:
+    """Modes 0 and 1: constriction's 32-bit words."""
+    if buf.size % _LEGACY_WORD.itemsize:
+        raise Truncated(
+            f"the ans words are {buf.size} bytes, not a whole number of 32-bit words; "
+            "the stream was cut (or has stray bytes appended)"
+        )
+    if not buf.size:
+        # Coding any symbol but index 0 leaves the coder's state non-zero for good, so a
+        # model of two or more symbols always leaves words (an empty coder would silently
+        # decode index 0 forever).
+        raise Truncated("the ans stream ends after its frequency tables, before any coded words")
+    constriction = require("constriction")
+    words = buf.view(_LEGACY_WORD).astype(np.uint32)  # native order, owned by constriction
+    try:
+        coder = constriction.stream.stack.AnsCoder(words)
+        at = 0
+        for row in coded:
+            symbols = np.flatnonzero(masks[row]).astype(np.uint8)
+            model = freqs[at : at + k[row]].astype(np.float64) / (1 << LEGACY_PROBABILITY_BITS)
+            index = coder.decode(constriction.stream.model.Categorical(model, perfect=False), out.shape[1])
+            out[row] = symbols[index]
+            at += k[row]
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise CorruptData(f"the ans words are not a valid rANS stream ({exc}); the stream is corrupt") from exc
+    if not coder.is_empty():
+        raise CorruptData(
+            f"{coder.num_words()} words of the ans stream are left after {out.size} codes; "
+            "the stream is corrupt or was written for another shape"
+        )
