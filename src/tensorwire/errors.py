@@ -170,6 +170,10 @@ class BadMeasurement(ProfileError):
     """A measurement is not a finite number in its allowed range (e.g. a ratio <= 0)."""
 
 
+class LibraryModelMismatch(ProfileError):
+    """A profile library was measured on a model of another shape than the one it is used with."""
+
+
 class StagesNotInstalled(ProfileError):
     """Profiles name stage ids that are not registered (:mod:`tensorwire.kv.registry`)."""
 

@@ -17,7 +17,7 @@ def prompt(smollm2, sample_text):
 
 
 def test_model_shape_is_gqa(smollm2):
-    assert hf.model_shape(smollm2[0]) == {"n_layers": 30, "kv_heads": 3, "q_heads": 9, "head_dim": 64}
+    assert hf.model_shape(smollm2[0]) == {"n_layers": 30, "kv_heads": 3, "q_heads": 9, "head_dim": 64, "sliding_layers": 0}
 
 
 def test_prefill_captures_queries_after_rope(smollm2, prompt):
@@ -87,3 +87,24 @@ def test_generate_continues_greedily(smollm2):
     decoded = Pipeline.decode(Pipeline.from_config({"stages": [{"id": "cast", "dtype": "BF16"}]}).encode(cache))
     answer = tokenizer.decode(hf.generate(model, decoded, ids[-1:], max_new_tokens=3))
     assert "Paris" in answer
+
+
+def test_reserved_cache_grows_in_place_and_generates_the_same(smollm2, prompt):
+    model, _ = smollm2
+    prefix, continuation = prompt
+    data = hf.cache_to_data(hf.prefill(model, prefix)[0])
+    plain, reserved = hf.data_to_cache(data), hf.data_to_cache(data, reserve=4)
+    buffer = reserved.layers[0].keys.data_ptr()
+    # 8 tokens one by one: 4 in the reserved room, then the room doubles once.
+    for token in continuation[:8].tolist():
+        expected = hf.forward(model, plain, [token]).logits
+        got = hf.forward(model, reserved, [token]).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # strided views may change the kernels' sums
+    assert reserved.get_seq_length() == plain.get_seq_length() == 168 and reserved.seq_len == 168
+    assert torch.equal(reserved.layers[5].keys, plain.layers[5].keys)
+    assert reserved.layers[0].keys.data_ptr() != buffer  # moved once, when the reserved room ran out
+    for layer in reserved.layers:
+        layer.crop(-3)
+    assert reserved.get_seq_length() == 165
+    hf.forward(model, reserved, continuation[8:9].tolist())  # writes after the crop, in the same buffer
+    assert torch.equal(reserved.layers[0].keys[:, :, :165], plain.layers[0].keys[:, :, :165])

@@ -109,3 +109,52 @@ def test_a_full_cache_has_no_positions_bitmap():
     assert framing.positions_section(cache.layers, cache.seq_len) == ("all", b"")
     header, at = read_header(memoryview(Pipeline().encode(cache)))
     assert header["positions"] == "all"
+
+
+def _tail_cache():
+    """Layers of 10 and 4 tokens, each its most recent ones (a sliding-window layer of 5)."""
+    from tensorwire.kv.stage import KVCacheData, KVLayer
+
+    full, window = kv_cache_data(2, 1, 2, 10, 8).layers
+    tail = KVLayer(window.keys[:, :, 6:].copy(), window.values[:, :, 6:].copy(), window.positions[:, :, 6:].copy())
+    return KVCacheData([full, tail], seq_len=10)
+
+
+def test_layers_of_different_lengths_travel_as_tails_in_version_2():
+    cache = _tail_cache()
+    blob = Pipeline().encode(cache)
+    header, _ = read_header(memoryview(blob))
+    assert struct.unpack_from("<H", blob, 8)[0] == 2
+    assert header["positions"] == "tail" and header["cache"]["layer_tokens"] == [10, 4] and header["cache"]["kept"] == 10
+    decoded = Pipeline.decode_data(blob)
+    assert [layer.positions[0, 0].tolist() for layer in decoded.layers] == [list(range(10)), [6, 7, 8, 9]]
+    for got, sent in zip(decoded.layers, cache.layers):
+        assert np.array_equal(got.keys, sent.keys) and np.array_equal(got.values, sent.values)
+    # A version-1 preamble cannot carry tail positions; bad per-layer counts are corrupt.
+    raw = blob[PREAMBLE.size : PREAMBLE.size + struct.unpack_from("<I", blob, 12)[0]]
+    with pytest.raises(CorruptData, match="version 1"):
+        Pipeline.decode_data(PREAMBLE.pack(PAYLOAD_MAGIC, 1, 0, len(raw), xxhash.xxh3_64_intdigest(raw)) + blob[PREAMBLE.size :])
+
+    def rewrite(edit) -> bytes:
+        h, start = read_header(memoryview(blob))
+        edit(h)
+        raw = json.dumps(h).encode()
+        return PREAMBLE.pack(PAYLOAD_MAGIC, 2, 0, len(raw), xxhash.xxh3_64_intdigest(raw)) + raw + blob[start:]
+
+    for edit in (lambda h: h["cache"].__setitem__("layer_tokens", [10]),
+                 lambda h: h["cache"].__setitem__("layer_tokens", [10, 11]),
+                 lambda h: h["cache"].__setitem__("layer_tokens", [9, 4]),
+                 lambda h: h["cache"].pop("layer_tokens"),
+                 lambda h: h.__setitem__("positions", "all")):  # fmt: skip
+        with pytest.raises(CorruptData):
+            Pipeline.decode_data(rewrite(edit))
+
+
+def test_layers_of_different_lengths_that_are_not_tails_are_refused():
+    from tensorwire.kv.stage import KVLayer
+
+    cache = _tail_cache()
+    middle = cache.layers[1]
+    cache.layers[1] = KVLayer(middle.keys, middle.values, middle.positions - 2)  # positions 4..7 of 10: not a tail
+    with pytest.raises(ShapeMismatch, match="most recent"):
+        Pipeline().encode(cache)

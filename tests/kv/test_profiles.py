@@ -243,3 +243,21 @@ def test_a_size_model_makes_short_caches_compress_less():
     assert fitted.payload_bytes(5e6) == 5e5 + 1e6
     assert fitted.ratio_at(1e6) < 2.0 < fitted.ratio_at(1e8) < 5.0
     assert fitted.payload_bytes(0) == 0.0
+
+
+def test_a_library_is_checked_against_the_model_it_serves():
+    from tensorwire.data import SMOLLM2_LIBRARY
+    from tensorwire.errors import ControlWarning, LibraryModelMismatch
+
+    library = ProfileLibrary.load(SMOLLM2_LIBRARY)
+    smollm2 = {"n_layers": 30, "kv_heads": 3, "q_heads": 9, "head_dim": 64, "sliding_layers": 0}
+    assert library.for_model(smollm2) is library
+    other = {**smollm2, "kv_heads": 8, "head_dim": 128}
+    with pytest.raises(LibraryModelMismatch, match="kv_heads 3 vs 8, head_dim 64 vs 128"):
+        library.for_model(other)
+    with pytest.warns(ControlWarning, match="measured on SmolLM2"):
+        assert library.for_model(other, allow_other=True) is library
+    # Sliding-window layers hold only their window: profiles that evict tokens cannot run on them.
+    sliding = library.for_model({**smollm2, "sliding_layers": 15})
+    evicting = [p.name for p in library if any(s["id"] == "streaming_llm" for s in p.pipeline["stages"])]
+    assert evicting and set(sliding.names) == set(library.names) - set(evicting)

@@ -52,6 +52,25 @@ def test_codec_speed_times_without_the_model(evaluator):
     assert get_threads() == threads  # timed on one core, then the kernels get their threads back
 
 
+@pytest.mark.parametrize("stages", [[{"id": "kivi", "k_bits": 2, "v_bits": 2, "group_size": 32, "residual": 0}],
+                                    [{"id": "kivi", "k_bits": 3, "v_bits": 2, "group_size": 32, "residual": 0}],
+                                    [{"id": "streaming_llm", "keep_fraction": 0.3}]], ids=["kivi-2", "kivi-3/2", "streaming"])
+def test_needle_answers_are_the_token_by_token_greedy_answers(smollm2, sample_text, stages):
+    """The one-pass answer check (teacher-forced on the uncompressed answer, then token by
+    token from the first departure) decides exactly as plain greedy generation does."""
+    from tensorwire.kv import hf
+    from tensorwire.kv.quality import ANSWER_TOKENS
+
+    model, tokenizer = smollm2
+    evaluator = Evaluator(model, tokenizer, EvalSettings(str(sample_text), context=128, continuation=16, windows=1,
+                                                         needles=6, seed=3))  # fmt: skip
+    pipeline = Pipeline.from_config({"stages": stages})
+    for case in evaluator.needles():
+        decoded = Pipeline.decode_data(pipeline.encode(case.cache))
+        greedy = hf.generate(model, hf.data_to_cache(decoded), case.question, max_new_tokens=ANSWER_TOKENS)
+        assert evaluator._answer(decoded, case) == evaluator._is_answer(greedy, case)
+
+
 def test_bad_settings(smollm2, tmp_path, sample_text):
     model, tokenizer = smollm2
     with pytest.raises(EvaluationError, match="does not exist"):

@@ -46,14 +46,20 @@ def _torch():
 
 
 def model_shape(model) -> dict[str, int]:
-    """``n_layers``, ``kv_heads``, ``q_heads``, ``head_dim`` of a decoder-only transformers model."""
+    """``n_layers``, ``kv_heads``, ``q_heads``, ``head_dim`` and ``sliding_layers`` of a decoder-only model.
+
+    ``sliding_layers`` counts the sliding-window attention layers (``config.layer_types``),
+    whose caches hold only the window.
+    """
     config = model.config
     q_heads = config.num_attention_heads
+    layer_types = getattr(config, "layer_types", None) or []
     return {
         "n_layers": config.num_hidden_layers,
         "kv_heads": getattr(config, "num_key_value_heads", None) or q_heads,
         "q_heads": q_heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // q_heads,
+        "sliding_layers": sum(kind == "sliding_attention" for kind in layer_types),
     }
 
 
@@ -73,6 +79,53 @@ def positioned_cache_class():
         positions: list[np.ndarray] | None = None
 
     return PositionedCache
+
+
+@lru_cache(maxsize=1)
+def reserved_layer_class():
+    """A ``DynamicLayer`` that writes new tokens into room reserved ahead (defined on first use).
+
+    ``DynamicLayer.update`` concatenates the whole layer with the new tokens, a copy of the
+    cache at every generated token. This layer keeps ``keys``/``values`` as views of
+    larger buffers and writes new tokens in place; when the room runs out (or ``keys`` was
+    replaced, e.g. by a batch reorder) it moves to buffers twice as large.
+    """
+    torch = _torch()
+    transformers = require("transformers")
+
+    class ReservedLayer(transformers.DynamicLayer):
+        def __init__(self, reserve: int):
+            super().__init__()
+            self.reserve = reserve
+            self._room: tuple | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            held, add = self.keys.shape[-2] if self.keys.numel() else 0, key_states.shape[-2]
+            room = self._room
+            fits = (
+                room is not None
+                and held + add <= room[0].shape[-2]
+                and room[0].shape[:-2] == key_states.shape[:-2]
+                and self.keys.data_ptr() == room[0].data_ptr()
+                and self.values.data_ptr() == room[1].data_ptr()
+            )
+            if not fits:
+                size = held + add + (self.reserve if room is None else held + add)
+                k = key_states.new_empty((*key_states.shape[:-2], size, key_states.shape[-1]))
+                v = value_states.new_empty((*value_states.shape[:-2], size, value_states.shape[-1]))
+                if held:
+                    k[..., :held, :] = self.keys
+                    v[..., :held, :] = self.values
+                self._room = room = (k, v)
+            with torch.no_grad():
+                room[0][..., held : held + add, :] = key_states
+                room[1][..., held : held + add, :] = value_states
+            self.keys, self.values = room[0][..., : held + add, :], room[1][..., : held + add, :]
+            return self.keys, self.values
+
+    return ReservedLayer
 
 
 def __getattr__(name: str):
@@ -141,8 +194,8 @@ def prefill(model, input_ids, observe_window: int = 0, cache=None):
     transformers = require("transformers")
     input_ids = torch.as_tensor(input_ids).reshape(1, -1) if not hasattr(input_ids, "ndim") or input_ids.ndim == 1 else input_ids
     kwargs = {"input_ids": input_ids, "use_cache": True}
-    if cache is None:
-        cache = transformers.DynamicCache()
+    if cache is None:  # as the model's own generate() caches: sliding-window layers keep only their window
+        cache = transformers.DynamicCache(config=model.config)
     else:
         start = _next_position(cache)
         kwargs["position_ids"] = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
@@ -169,12 +222,18 @@ def _extend_positions(cache, new_positions: np.ndarray) -> None:
 
 
 def cache_to_data(cache, observations: Observations | None = None) -> KVCacheData:
-    """A ``DynamicCache`` (or PositionedCache) as float32 numpy arrays with positions."""
+    """A ``DynamicCache`` (or PositionedCache) as float32 numpy arrays with positions.
+
+    A sliding-window layer (transformers' ``DynamicSlidingWindowLayer``, made by
+    ``DynamicCache(config=...)`` for models such as Gemma 2 or Mistral) holds only the most
+    recent tokens: its positions are the last ones of the sequence, and the payload lists
+    each layer's count (``positions: "tail"``).
+    """
     torch = _torch()
     layers = []
     source_dtype = "F32"
     stored_positions = getattr(cache, "positions", None)
-    seq_len = getattr(cache, "seq_len", 0) or None
+    seq_len = getattr(cache, "seq_len", 0) or max((_layer_length(layer) for layer in cache.layers), default=0)
     for index, layer in enumerate(cache.layers):
         keys, values = layer.keys, layer.values
         source_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(keys.dtype, "F32")
@@ -182,23 +241,45 @@ def cache_to_data(cache, observations: Observations | None = None) -> KVCacheDat
         v = values.detach().to(torch.float32).cpu().numpy()
         if stored_positions is not None:
             pos = np.asarray(stored_positions[index], dtype=np.int64)
-        else:
-            pos = np.broadcast_to(np.arange(k.shape[2], dtype=np.int64), k.shape[:3]).copy()
+        else:  # the layer's tokens are the most recent ones (all of them unless it slides)
+            tail = np.arange(seq_len - k.shape[2], seq_len, dtype=np.int64)
+            pos = np.broadcast_to(tail, k.shape[:3]).copy()
         layers.append(KVLayer(k, v, pos))
-    if seq_len is None:
-        seq_len = layers[0].keys.shape[2] if layers else 0
     return KVCacheData(layers, seq_len=int(seq_len), dtype=source_dtype, observations=observations)
 
 
-def data_to_cache(data: KVCacheData, device: str = "cpu", dtype: Any = None):
-    """Build a :class:`PositionedCache` from :class:`KVCacheData` (float32 unless ``dtype``)."""
+def _layer_length(layer) -> int:
+    """Tokens the layer has seen: a sliding-window layer counts those it dropped too."""
+    held = layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.numel() else 0
+    return max(held, int(getattr(layer, "cumulative_length", 0)))
+
+
+def data_to_cache(data: KVCacheData, device: str = "cpu", dtype: Any = None, reserve: int = 0):
+    """Build a :class:`PositionedCache` from :class:`KVCacheData` (float32 unless ``dtype``).
+
+    ``reserve``: room for that many more tokens per layer, written in place as the cache
+    grows (:func:`reserved_layer_class`); 0 keeps transformers' concatenating layers. A
+    layer that holds fewer tokens than the sequence's most recent ones (a sliding-window
+    layer) becomes a ``DynamicSlidingWindowLayer`` with a window of its tokens plus one,
+    as transformers keeps it.
+    """
     torch = _torch()
+    cache_utils = require("transformers.cache_utils")
     cache = positioned_cache_class()()
+    tokens = [layer.keys.shape[2] for layer in data.layers]
+    sliding = [t < data.seq_len and len(set(tokens)) > 1 for t in tokens]
+    if reserve > 0 or any(sliding):
+        reserved = reserved_layer_class()
+        cache.layers = [cache_utils.DynamicSlidingWindowLayer(sliding_window=t + 1) if slides
+                        else reserved(reserve) if reserve > 0 else cache_utils.DynamicLayer()
+                        for t, slides in zip(tokens, sliding)]  # fmt: skip
     dtype = dtype or torch.float32
     for index, layer in enumerate(data.layers):
         k = torch.from_numpy(np.ascontiguousarray(layer.keys)).to(device=device, dtype=dtype)
         v = torch.from_numpy(np.ascontiguousarray(layer.values)).to(device=device, dtype=dtype)
         cache.update(k, v, index)
+        if sliding[index]:
+            cache.layers[index].cumulative_length = int(data.seq_len)
     cache.seq_len = int(data.seq_len)
     cache.positions = [layer.positions for layer in data.layers]
     return cache

@@ -27,7 +27,7 @@ import numpy as np
 import xxhash
 
 from ..codec.dtypes import numpy_dtype
-from ..errors import BadMagic, ChecksumMismatch, CorruptData, Truncated, UnsupportedVersion
+from ..errors import BadMagic, ChecksumMismatch, CorruptData, ShapeMismatch, Truncated, UnsupportedVersion
 from .stage import KVLayer
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "read_header",
     "check_stream_header",
     "check_layer_table",
+    "layer_tokens",
     "positions_section",
     "positions_size",
     "read_positions",
@@ -50,7 +51,8 @@ __all__ = [
 ]
 
 PAYLOAD_MAGIC = b"\x89TWK\r\n\x1a\n"
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2  # the newest version read and written; a payload that needs nothing of 2 is written as 1
+TAIL_VERSION = 2  # positions "tail" and cache.layer_tokens: layers that hold different numbers of tokens
 PREAMBLE = struct.Struct("<8sHHIQ")  # magic, version, flags (reserved, 0), header length, header xxh3-64
 MAX_HEADER = 64 << 20
 CACHE_FIELDS = ("n_layers", "batch", "kv_heads", "head_dim", "seq_len", "kept")  # the header's cache shape
@@ -62,7 +64,8 @@ def pack_header(header: dict[str, Any]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     if len(raw) > MAX_HEADER:
         raise CorruptData(f"a KV payload header of {len(raw)} bytes is over the {MAX_HEADER} allowed")
-    return PREAMBLE.pack(PAYLOAD_MAGIC, PAYLOAD_VERSION, 0, len(raw), xxhash.xxh3_64_intdigest(raw)) + raw
+    version = TAIL_VERSION if header["positions"] == "tail" else 1  # readers of version 1 keep reading the rest
+    return PREAMBLE.pack(PAYLOAD_MAGIC, version, 0, len(raw), xxhash.xxh3_64_intdigest(raw)) + raw
 
 
 def read_header(view: memoryview) -> tuple[dict[str, Any], int]:
@@ -76,8 +79,10 @@ def read_header(view: memoryview) -> tuple[dict[str, Any], int]:
     magic, version, flags, length, digest = PREAMBLE.unpack_from(view, 0)
     if magic != PAYLOAD_MAGIC:
         raise BadMagic(f"not a tensorwire KV payload: starts with {bytes(magic)!r}, expected {PAYLOAD_MAGIC!r}")
-    if version != PAYLOAD_VERSION:
-        raise UnsupportedVersion(f"KV payload version {version}; this build reads version {PAYLOAD_VERSION}: upgrade tensorwire")
+    if not 1 <= version <= PAYLOAD_VERSION:
+        raise UnsupportedVersion(
+            f"KV payload version {version}; this build reads versions 1 to {PAYLOAD_VERSION}: upgrade tensorwire"
+        )
     if flags != 0:
         raise CorruptData(f"KV payload flags are reserved and must be 0, found {flags:#x}")
     if length > MAX_HEADER:
@@ -91,6 +96,8 @@ def read_header(view: memoryview) -> tuple[dict[str, Any], int]:
     try:
         header = json.loads(raw)
         _check_header(header)
+        if header["positions"] == "tail" and version < TAIL_VERSION:
+            raise CorruptData(f"a version {version} KV payload cannot list positions as 'tail' (version {TAIL_VERSION})")
     except (ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, CorruptData):
             raise
@@ -122,6 +129,19 @@ def check_stream_header(header: Any) -> None:
                 raise CorruptData(f"KV payload header field cache.{key} must be a non-negative int, found {cache[key]!r}")
         if cache["kept"] > cache["seq_len"]:
             raise CorruptData(f"the header keeps {cache['kept']} tokens of a {cache['seq_len']}-token sequence")
+        tokens = cache.get("layer_tokens")
+        if (header["positions"] == "tail") != (tokens is not None):
+            raise CorruptData("a KV payload lists cache.layer_tokens exactly when its positions are 'tail'")
+        if tokens is not None and not (
+            isinstance(tokens, list)
+            and len(tokens) == cache["n_layers"]
+            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= cache["kept"] for t in tokens)
+            and max(tokens, default=cache["kept"]) == cache["kept"]
+        ):
+            raise CorruptData(
+                f"cache.layer_tokens must list {cache['n_layers']} token counts of at most kept={cache['kept']}, "
+                f"the largest equal to it; found {tokens!r}"
+            )
         header["positions"], cache["dtype"]
     except (KeyError, TypeError) as exc:
         raise CorruptData(f"the KV payload header is not valid: missing or malformed {exc}") from exc
@@ -148,14 +168,35 @@ def _is_arange(positions: np.ndarray) -> bool:
     return bool(np.array_equal(positions, np.broadcast_to(np.arange(positions.shape[-1]), positions.shape)))
 
 
+def layer_tokens(layers: Sequence[KVLayer]) -> list[int] | None:
+    """Each layer's token count where they differ (sliding-window layers), else None."""
+    tokens = [int(layer.keys.shape[2]) for layer in layers]
+    return tokens if len(set(tokens)) > 1 else None
+
+
+def _is_tail(positions: np.ndarray, seq_len: int) -> bool:
+    return _is_arange(positions - (seq_len - positions.shape[-1]))
+
+
 def positions_section(layers: Sequence[KVLayer], seq_len: int) -> tuple[Any, bytes]:
     """The header's ``positions`` entry and the bitmap bytes that follow the header.
 
-    ``("all", b"")`` when every layer kept every position in order; else one bit per
-    (layer, batch, head, position), 1 where the token was kept.
+    ``("all", b"")`` when every layer kept every position in order; ``("tail", b"")`` when
+    the layers hold different numbers of tokens, each its most recent ones in order (a
+    sliding-window layer holds only its window); else one bit per (layer, batch, head,
+    position), 1 where the token was kept. Layers of different lengths that are not tails
+    cannot be listed: :class:`~tensorwire.errors.ShapeMismatch`.
     """
     if not layers or all(layer.positions.shape[-1] == seq_len and _is_arange(layer.positions) for layer in layers):
         return "all", b""
+    if layer_tokens(layers) is not None:
+        if all(_is_tail(layer.positions, seq_len) for layer in layers):
+            return "tail", b""
+        raise ShapeMismatch(
+            f"the layers hold {sorted(set(layer_tokens(layers)))} tokens and not each its most recent ones; "
+            "a payload carries either the same tokens count in every layer or each layer's most recent tokens "
+            "(sliding-window layers)"
+        )
     n_layers, (batch, heads) = len(layers), layers[0].positions.shape[:2]
     bits = np.zeros((n_layers, batch, heads, seq_len), dtype=bool)
     for i, layer in enumerate(layers):
@@ -166,7 +207,7 @@ def positions_section(layers: Sequence[KVLayer], seq_len: int) -> tuple[Any, byt
 
 def positions_size(header: dict[str, Any]) -> int:
     """Bytes of the kept-positions bitmap that follows a checked header (0 for ``"all"``)."""
-    if header["positions"] == "all":
+    if header["positions"] in ("all", "tail"):
         return 0
     cache = header["cache"]
     return cache["n_layers"] * cache["batch"] * cache["kv_heads"] * ((cache["seq_len"] + 7) // 8)
@@ -184,6 +225,9 @@ def read_positions(header: dict[str, Any], view: memoryview, at: int = 0) -> tup
             raise CorruptData(f"the header keeps {kept} of {seq_len} tokens but lists no positions")
         full = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, heads, seq_len))
         return [full.copy() for _ in range(n_layers)], at
+    if spec == "tail":
+        tails = [np.arange(seq_len - t, seq_len, dtype=np.int64) for t in cache["layer_tokens"]]
+        return [np.broadcast_to(tail, (batch, heads, tail.size)).copy() for tail in tails], at
     row = (seq_len + 7) // 8
     nbytes = positions_size(header)
     if not isinstance(spec, dict) or spec.get("encoding") != "bitmap" or spec.get("nbytes") != nbytes:

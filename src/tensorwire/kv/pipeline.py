@@ -177,11 +177,13 @@ class Pipeline:
                 "kv_heads": int(first[1]),
                 "head_dim": int(first[3]),
                 "seq_len": int(data.seq_len),
-                "kept": int(layers[0].keys.shape[2] if layers else data.seq_len),
+                "kept": int(max(layer.keys.shape[2] for layer in layers) if layers else data.seq_len),
                 "dtype": data.dtype,
             },
             "positions": positions,
         }
+        if positions == "tail":
+            header["cache"]["layer_tokens"] = payload.layer_tokens(layers)
         encoded = (self.encode_layer(i, len(layers), layer.keys, layer.values) for i, layer in enumerate(layers))
         return EncodedStream(header, bitmap, encoded)
 
@@ -192,6 +194,12 @@ class Pipeline:
             return [], "all", b""
         if selector is None or selector.id == "keep_all":
             layers = data.layers
+        elif payload.layer_tokens(data.layers) is not None:
+            raise ShapeMismatch(
+                f"selector {selector.id!r} keeps the same number of tokens in every layer, but this cache's layers hold "
+                f"{sorted(set(payload.layer_tokens(data.layers)))} tokens (sliding-window layers hold only their "
+                "window); use a pipeline without a selector for this model"
+            )
         else:
             if selector.needs_observations and data.observations is None:
                 raise ObservationError(
@@ -348,7 +356,8 @@ class StreamDecoder:
         self.positions, used = payload.read_positions(header, memoryview(bitmap))
         if used != len(bitmap):
             raise CorruptData(f"the kept-positions bitmap is {len(bitmap)} bytes, the header implies {used}")
-        self.shape = (cache["batch"], cache["kv_heads"], cache["kept"], cache["head_dim"])
+        tokens = cache.get("layer_tokens") or [cache["kept"]] * cache["n_layers"]
+        self.shapes = [(cache["batch"], cache["kv_heads"], t, cache["head_dim"]) for t in tokens]
         self.layers: list[KVLayer] = []
 
     @property
@@ -366,7 +375,7 @@ class StreamDecoder:
         payload.check_layer(index, table, body)
         if len(body) != payload.layer_size(table):
             raise CorruptData(f"layer {index} has {len(body) - payload.layer_size(table)} bytes more than its table says")
-        keys, values = self.pipeline.decode_layer(index, n_layers, table, body, self.shape)
+        keys, values = self.pipeline.decode_layer(index, n_layers, table, body, self.shapes[index])
         layer = KVLayer(keys, values, self.positions[index])
         self.layers.append(layer)
         return layer

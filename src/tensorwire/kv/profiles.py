@@ -45,6 +45,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +53,11 @@ from typing import Any
 
 from ..errors import (
     BadMeasurement,
+    ControlWarning,
     DuplicateProfile,
     EmptyLibrary,
     LibraryFormatError,
+    LibraryModelMismatch,
     MissingField,
     ProfileError,
     StagesNotInstalled,
@@ -70,6 +73,7 @@ __all__ = [
     "DuplicateProfile",
     "EmptyLibrary",
     "LibraryFormatError",
+    "LibraryModelMismatch",
     "MissingField",
     "ModelShape",
     "Profile",
@@ -125,6 +129,15 @@ def _require(data: Mapping[str, Any], names: tuple[str, ...], where: str) -> Non
     if missing:
         raise MissingField(f"{where} has no {', '.join(missing)}; expected the fields {', '.join(names)}. "
                            "A library must hold every measurement of every profile (see tensorwire.kv.profiles).")  # fmt: skip
+
+
+def _evicts(profile: Profile) -> bool:
+    """Whether the profile's pipeline has a token selector other than ``keep_all``."""
+    from .registry import stage_class, stage_ids
+
+    known = set(stage_ids())
+    return any(stage["id"] != "keep_all" and stage["id"] in known and stage_class(stage["id"]).kind == "selector"
+               for stage in profile.pipeline["stages"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -376,6 +389,28 @@ class ProfileLibrary:
             listing = "; ".join(f"{name}: {', '.join(ids)}" for name, ids in report.items())
             raise StagesNotInstalled(f"{len(report)} profile(s) use stages that are not installed ({listing}); "
                                      "install the plugin that provides them or drop these profiles")  # fmt: skip
+
+    def for_model(self, shape: Mapping[str, int], allow_other: bool = False) -> ProfileLibrary:
+        """This library, checked against the model it will serve (``n_layers``, ``kv_heads``, ``head_dim``).
+
+        A library measured on another shape carries ratios, speeds and qualities that do not
+        hold for this model: :class:`LibraryModelMismatch` unless ``allow_other``, which
+        warns and returns it as it is. ``shape["sliding_layers"]`` (see
+        :func:`tensorwire.kv.hf.model_shape`) drops the profiles with a token selector,
+        which cannot run on caches whose sliding-window layers hold fewer tokens.
+        """
+        mine = self.model.to_dict()
+        differ = {k: (mine[k], shape[k]) for k in ("n_layers", "kv_heads", "head_dim") if k in shape and shape[k] != mine[k]}
+        if differ:
+            listing = ", ".join(f"{k} {lib} vs {model}" for k, (lib, model) in differ.items())
+            message = (f"the profile library was measured on {self.model.name} and this model differs ({listing}: "
+                       "library vs model); measure a library on this model (tensorwire profile) or allow it explicitly")  # fmt: skip
+            if not allow_other:
+                raise LibraryModelMismatch(message)
+            warnings.warn(message, ControlWarning, stacklevel=2)
+        if shape.get("sliding_layers"):
+            return self.without({p.name for p in self.profiles if _evicts(p)})
+        return self
 
     def without(self, names: set[str] | frozenset[str] | tuple[str, ...] | list[str]) -> ProfileLibrary:
         """A copy without the named profiles (raises EmptyLibrary if none would be left)."""

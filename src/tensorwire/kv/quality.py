@@ -9,6 +9,10 @@ For a context length ``L``, an :class:`Evaluator` prepares, once per process:
   text, each with one planted fact ``"The secret number of <name> is <5 digits>."`` at a
   random depth; the model is asked for the number and answers greedily from the
   compressed cache. A case is correct when the answer starts with the exact digits.
+  The greedy answer is found in one forward pass where it can be: the uncompressed
+  cache's greedy answer (generated token by token once) is fed after the question and
+  kept as far as the compressed cache's own argmax agrees with it; from the first token
+  where it departs, generation goes on token by token.
   Where the question sits is a setting (``question``):
 
   - ``"after"`` (default): the cache holds the context only and the question comes after
@@ -138,7 +142,8 @@ class _Needle:
     cache: KVCacheData
     question: list[int]
     answer: str
-    base_correct: bool
+    base_tokens: list[int] = field(default_factory=list)  # the greedy answer from the uncompressed cache
+    base_correct: bool = False
 
 
 class Evaluator:
@@ -175,7 +180,7 @@ class Evaluator:
 
     def _continuation_nll(self, data: KVCacheData, continuation: np.ndarray) -> np.ndarray:
         torch = hf._torch()
-        out = hf.forward(self.model, hf.data_to_cache(data), continuation)
+        out = hf.forward(self.model, hf.data_to_cache(data, reserve=len(continuation)), continuation)
         logits = out.logits[0, :-1].float()
         target = torch.as_tensor(continuation[1:])
         return torch.nn.functional.cross_entropy(logits, target, reduction="none").numpy().astype(np.float64)
@@ -213,17 +218,49 @@ class Evaluator:
                 depth = int(rng.uniform(0.05, 0.9) * len(hay))
                 prefix = np.asarray(hay[:depth] + needle + hay[depth:] + asked, dtype=np.int64)
                 data = self._prefill(prefix)
-                case = _Needle(data, question[len(asked) :], number, False)
-                case.base_correct = self._answer(data, case)
+                case = _Needle(data, question[len(asked) :], number)
+                case.base_tokens = hf.generate(self.model, self._cache_for(data, case), case.question,
+                                               max_new_tokens=ANSWER_TOKENS)  # fmt: skip
+                case.base_correct = self._is_answer(case.base_tokens, case)
                 self._needles.append(case)
         return self._needles[: s.needles if count is None else count]
 
-    def _answer(self, data: KVCacheData, case: _Needle) -> bool:
-        cache = hf.data_to_cache(data)
-        new = hf.generate(self.model, cache, case.question, max_new_tokens=ANSWER_TOKENS)
-        answer = self.tokenizer.decode(new).strip()
-        digits = re.match(r"\d+", answer)
+    @staticmethod
+    def _cache_for(data: KVCacheData, case: _Needle):
+        return hf.data_to_cache(data, reserve=len(case.question) + ANSWER_TOKENS)
+
+    def _is_answer(self, tokens: list[int], case: _Needle) -> bool:
+        digits = re.match(r"\d+", self.tokenizer.decode(tokens).strip())
         return digits is not None and digits.group(0) == case.answer
+
+    def _decided(self, tokens: list[int], case: _Needle) -> bool | None:
+        """What :meth:`_is_answer` will say of any continuation of ``tokens``, or None if open."""
+        text = self.tokenizer.decode(tokens).lstrip()
+        digits = re.match(r"\d*", text).group(0)
+        if not case.answer.startswith(digits):
+            return False  # more tokens only add digits to a run that is already wrong
+        if len(text) > len(digits):
+            return digits == case.answer  # the run has ended
+        return None
+
+    def _answer(self, data: KVCacheData, case: _Needle) -> bool:
+        """Whether the greedy answer from ``data`` is right (see the module docstring)."""
+        cache = self._cache_for(data, case)
+        base = case.base_tokens
+        out = hf.forward(self.model, cache, case.question + base[:-1])
+        predicted = out.logits[0, len(case.question) - 1 :].argmax(-1).tolist()
+        agree = next((i for i, (p, b) in enumerate(zip(predicted, base)) if p != b), len(base))
+        if agree == len(base):
+            return case.base_correct
+        surplus = len(base) - 1 - agree  # fed tokens after the first departure: not this cache's answer
+        if surplus:
+            for layer in cache.layers:
+                layer.crop(-surplus)
+            cache.seq_len -= surplus
+        tokens = base[:agree] + [predicted[agree]]
+        while (decided := self._decided(tokens, case)) is None and len(tokens) < ANSWER_TOKENS:
+            tokens.append(int(hf.forward(self.model, cache, tokens[-1:]).logits[0, -1].argmax()))
+        return self._is_answer(tokens, case) if decided is None else decided
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(
@@ -311,9 +348,12 @@ def reconstruction_error(original: KVCacheData, decoded: KVCacheData) -> tuple[f
     """Relative L2 error of the kept keys and values (evicted tokens are not counted here)."""
     num_k = den_k = num_v = den_v = 0.0
     for ref, got in zip(original.layers, decoded.layers):
-        take = got.positions[..., None]  # the original cache holds every position, in order
-        k = np.take_along_axis(ref.keys, take, axis=2)
-        v = np.take_along_axis(ref.values, take, axis=2)
+        if got.keys.shape[2] == ref.keys.shape[2]:  # every position kept (kept tokens are in order)
+            k, v = ref.keys, ref.values
+        else:  # the original cache holds every position, in order
+            take = got.positions[..., None]
+            k = np.take_along_axis(ref.keys, take, axis=2)
+            v = np.take_along_axis(ref.values, take, axis=2)
         num_k += float(np.sum((got.keys - k) ** 2))
         den_k += float(np.sum(k.astype(np.float64) ** 2))
         num_v += float(np.sum((got.values - v) ** 2))

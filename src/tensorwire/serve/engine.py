@@ -176,7 +176,7 @@ class Engine:
                 generator.manual_seed(sampling.seed % 2**64)
         stops = {*sampling.stop_token_ids, *([self.eos_token_id] if self.eos_token_id is not None else [])}
         with self._lock:
-            cache = hf.data_to_cache(data)
+            cache = hf.data_to_cache(data, reserve=sampling.max_tokens + 1)
         feed = [int(last_token), *(int(t) for t in prefix)]
         if prefix and int(prefix[-1]) in stops:
             return  # the delivered part already ended the answer

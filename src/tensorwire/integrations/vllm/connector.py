@@ -12,6 +12,7 @@ Load it with vLLM's ``kv_transfer_config``::
          "transfer": {"host": "127.0.0.1", "port": 7100, "gbps": 1.0},      # producer: where its outbox listens
          "secret_file": "...",                  # the transport's shared secret (else TENSORWIRE_SECRET[_FILE])
          "library": "profiles.json",            # default: the shipped SmolLM2 library
+         "allow_other_library": false,          # true: use a library measured on another model shape
          "max_ppl_increase": 0.01, "max_retrieval_drop": 2.0}}
 
 Per request, ``kv_transfer_params`` may carry ``{"tenant": ..., "tensorwire": {"max_ppl_increase",
@@ -132,7 +133,7 @@ class TensorwireConnector(KVConnectorBase_V1):
         self.kv_role = {"kv_producer": "producer", "kv_consumer": "consumer"}.get(transfer_config.kv_role, "both")
         self.block_size = int(vllm_config.cache_config.block_size)
         self.shape = _shape(vllm_config)
-        library = _library(settings)
+        library = _library(settings).for_model(self.shape, allow_other=bool(settings.get("allow_other_library")))
         budget = (float(settings.get("max_ppl_increase", math.inf)), float(settings.get("max_retrieval_drop", math.inf)))
         pool, profiles = _pool(settings, vllm_config, library)
         transfer = dict(settings.get("transfer") or {})

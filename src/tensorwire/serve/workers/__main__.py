@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-s", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--library", help="profile library JSON (default: the shipped SmolLM2 library); a decode "
                                      "worker warms its decoders with it")  # fmt: skip
+    p.add_argument("--allow-other-library", action="store_true",
+                   help="use a library measured on a model of another shape (refused by default)")  # fmt: skip
     g = p.add_argument_group("prefill worker")
     g.add_argument("--decode", action="append", default=[], metavar="HOST:PORT", help="a decode worker (repeatable)")
     g.add_argument("--gbps", type=float, help="link rate for the sender-side token bucket, Gbit/s")
@@ -112,6 +114,11 @@ def _warm_up_cache(engine: Engine):
     return engine.prefill(ids, observe_window=64)
 
 
+def _library(args: argparse.Namespace, engine: Engine) -> ProfileLibrary:
+    library = ProfileLibrary.load(args.library or SMOLLM2_LIBRARY)
+    return library.for_model(engine.shape, allow_other=args.allow_other_library)
+
+
 def _installed_pipelines(library: ProfileLibrary) -> list[dict]:
     """The pipelines of the profiles whose stages are installed (payloads of the others are refused anyway)."""
     missing = library.check_installed()
@@ -119,7 +126,7 @@ def _installed_pipelines(library: ProfileLibrary) -> list[dict]:
 
 
 def _decode(args: argparse.Namespace, engine: Engine):
-    library = ProfileLibrary.load(args.library or SMOLLM2_LIBRARY)
+    library = _library(args, engine)
     usable = _installed_pipelines(library)
     seconds = warm([RAW_PIPELINE, *usable], _warm_up_cache(engine))
     log.info("decoders of raw and %d profiles warmed in %.1f s", len(usable), seconds)
@@ -127,7 +134,7 @@ def _decode(args: argparse.Namespace, engine: Engine):
 
 
 def _prefill(args: argparse.Namespace, engine: Engine):
-    library = ProfileLibrary.load(args.library or SMOLLM2_LIBRARY)
+    library = _library(args, engine)
     cache = _warm_up_cache(engine)
     warm([RAW_PIPELINE], cache)  # calibrating warms the profiles
     if args.no_calibrate:
