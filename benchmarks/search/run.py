@@ -3,6 +3,7 @@
     python benchmarks/search/run.py grid                  # once: measure every config of the sub-space (long)
     python benchmarks/search/run.py retime                # every config's codec timed again in one sitting
     python benchmarks/search/run.py retime-library LIB    # a profile library's codecs timed again (after a codec change)
+    python benchmarks/search/run.py sensitivity           # per-layer K/V sensitivity scan, mixed-precision allocations
     python benchmarks/search/run.py replay                # searches replayed against the cached grid
     python benchmarks/search/run.py replay --seeds 0 1 2 3 4 5 6 7 8 9
 
@@ -204,6 +205,87 @@ def cmd_retime_library(args: argparse.Namespace) -> int:
     ProfileLibrary.from_dict(data).save(args.library)
     print(f"wrote {args.library}")
     return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """Scan every layer's keys and values at 2/3/4 bits (2 windows), then evaluate allocations in full.
+
+    The scan (``tensorwire.search.sensitivity.scan``) is cached in results/sensitivity.json
+    (``--rescan`` measures again); each budget's allocation is evaluated with the library's
+    settings (context 2048, 4 windows, 10 needles, question in the prompt) and written to
+    results/mixed.json with the uniform KIVI points of the same run beside it.
+    """
+    import torch
+
+    from tensorwire.kv.pipeline import Pipeline
+    from tensorwire.kv.quality import EvalSettings, Evaluator
+    from tensorwire.models import load_smollm2
+    from tensorwire.search.sensitivity import Sensitivity, allocate, mixed_config, scan
+    from tensorwire.sysinfo import machine_info
+
+    torch.set_num_threads(args.torch_threads)
+    model, tokenizer = load_smollm2()
+    path = RESULTS / "sensitivity.json"
+    if args.rescan or not path.exists():
+        scanner = Evaluator(model, tokenizer, EvalSettings(str(TEXT), context=2048, windows=2, needles=0))
+
+        def measure(config):
+            return scanner.evaluate(Pipeline.from_config(config), windows=2, needles=0, speed=False).ppl_increase
+
+        started = time.time()
+        sensitivity = scan(measure, model.config.num_hidden_layers, bits=(2, 3, 4),
+                           log=lambda line: print(f"  {line} [{time.time() - started:.0f} s]", flush=True))  # fmt: skip
+        sensitivity.settings.update({"context": 2048, "windows": 2, "continuation": 128, "seconds": time.time() - started})
+        path.write_text(json.dumps(sensitivity.to_dict(), indent=1) + "\n")
+    sensitivity = Sensitivity.from_dict(json.loads(path.read_text()))
+    evaluator = Evaluator(model, tokenizer, EvalSettings(str(TEXT), context=2048, windows=4, needles=10, question="in_prompt"))
+    uniform = [{"stages": [{"id": "kivi", "k_bits": k, "v_bits": v, "group_size": 128, "residual": 0}, {"id": "ans"}]}
+               for k, v in ((4, 4), (4, 3), (3, 3), (4, 2), (3, 2))]  # fmt: skip
+    rows = []
+    candidates = [("uniform", None, None, config) for config in uniform]
+    for budget in args.budgets:
+        k_bits, v_bits, predicted = allocate(sensitivity, budget)
+        candidates.append(("mixed", budget, predicted, mixed_config(k_bits, v_bits)))
+    for kind, budget, predicted, config in candidates:
+        result = evaluator.evaluate(Pipeline.from_config(config))
+        quantizer = config["stages"][0]
+        k_bits = quantizer["k_bits"] if kind == "mixed" else [quantizer["k_bits"]]
+        v_bits = quantizer["v_bits"] if kind == "mixed" else [quantizer["v_bits"]]
+        row = {"kind": kind, "budget": budget, "predicted": predicted, "pipeline": config,
+               "mean_k_bits": sum(k_bits) / len(k_bits), "mean_v_bits": sum(v_bits) / len(v_bits),
+               **{key: getattr(result, key) for key in ("ratio", "ppl_increase", "retrieval", "retrieval_base",
+                                                         "encode_bps", "decode_bps")}}  # fmt: skip
+        rows.append(row)
+        print(f"  {kind:7s} K {row['mean_k_bits']:.2f} V {row['mean_v_bits']:.2f} bits: ratio {result.ratio:.2f}  "
+              f"ppl {result.ppl_increase * 100:+.2f}%  retrieval {result.retrieval:.0f}% (base {result.retrieval_base:.0f}%)  "
+              f"encode {result.encode_bps / 1e9:.2f} decode {result.decode_bps / 1e9:.2f} GB/s", flush=True)  # fmt: skip
+    out = RESULTS / "mixed.json"
+    out.write_text(json.dumps({"machine": machine_info(("torch",)), "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+    if args.add_to_library:
+        add_mixed_profiles(Path(args.add_to_library), rows)
+    return 0
+
+
+def add_mixed_profiles(path: Path, rows: list[dict]) -> None:
+    """Add the mixed allocations that meet the library's search budget to the library at ``path``."""
+    from tensorwire.kv.profiles import Profile, ProfileLibrary
+
+    library = ProfileLibrary.load(path)
+    budget = library.machine.get("search", {}).get("budget", {})
+    max_ppl, max_drop = budget.get("max_ppl_increase", math.inf), budget.get("max_retrieval_drop", math.inf)
+    added = []
+    for row in rows:
+        drop = row["retrieval_base"] - row["retrieval"]
+        if row["kind"] != "mixed" or row["ppl_increase"] > max_ppl or drop > max_drop:
+            continue
+        name = f"mixed:k_mean={row['mean_k_bits']:.2f},v_mean={row['mean_v_bits']:.2f},group_size=128/ans"
+        extra = {"source": "benchmarks/search/run.py sensitivity (results/mixed.json)", "budget": row["budget"]}
+        added.append(Profile(name, row["pipeline"], row["ratio"], row["ppl_increase"], drop, row["encode_bps"],
+                             row["decode_bps"], 1, extra))  # fmt: skip
+    kept = library.without({p.name for p in added}) if set(library.names) & {p.name for p in added} else library
+    ProfileLibrary(kept.model, (*kept.profiles, *added), dict(kept.machine)).save(path)
+    print(f"added {len(added)} mixed profiles to {path}")
 
 
 # -- replay -------------------------------------------------------------------------------
@@ -445,6 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument("library", help="profile library JSON, rewritten in place")
     lib.add_argument("--torch-threads", type=int, default=1, help="threads of the model forward passes (default 1)")
     lib.set_defaults(func=cmd_retime_library)
+    sens = sub.add_parser("sensitivity", help="per-layer K/V sensitivity scan and mixed-precision allocations")
+    sens.add_argument("--budgets", type=float, nargs="+", default=[0.03, 0.04, 0.06, 0.08, 0.12],
+                      help="allocation budgets (summed fitted increases; they order allocations, see the module)")
+    sens.add_argument("--rescan", action="store_true", help="measure the scan again (else results/sensitivity.json)")
+    sens.add_argument("--torch-threads", type=int, default=2)
+    sens.add_argument("--add-to-library", metavar="LIB", help="add the mixed allocations within the library's budget")
+    sens.set_defaults(func=cmd_sensitivity)
     r = sub.add_parser("replay", help="Bayesian vs random search, replayed against the cached grid")
     r.add_argument("--grid", help="grid JSON (default results/grid_<id>.json)")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

@@ -463,6 +463,22 @@ def test_headwise_mask_out_of_range():
         q.dequantize(0, 2, planes, shape)
 
 
+def test_mixed_bits_are_kivi_per_layer():
+    from tensorwire.kv.quantizers.mixed import MixedBits
+
+    q = MixedBits(k_bits=(4, 2, 8), v_bits=(3, 6, 1), group_size=16, residual=4)
+    keys, values = kv_like(16, (1, 2, 120, 64)), kv_like(17, (1, 2, 120, 64))
+    for layer in range(3):
+        kivi = KIVI(k_bits=q.k_bits[layer], v_bits=q.v_bits[layer], group_size=16, residual=4)
+        planes = q.quantize(layer, 3, keys, values)
+        assert planes["k.codes"].bits == q.k_bits[layer] and planes["v.codes"].bits == q.v_bits[layer]
+        assert all(planes[n].data.tobytes() == p.data.tobytes() for n, p in kivi.quantize(layer, 3, keys, values).items())
+        k, v = q.dequantize(layer, 3, planes, keys.shape)
+        assert max(max_error(k, keys), max_error(v, values)) <= q.error_bound(keys, values)
+    with pytest.raises(ShapeMismatch, match="widths for 3 layers, this cache has 4"):
+        q.quantize(0, 4, keys, values)  # allocated for another model: refused, never shifted
+
+
 def test_layerwise_layer_out_of_range():
     q = LayerwiseBits()
     for layer, n in ((4, 4), (-1, 4), (0, 0)):
@@ -494,6 +510,10 @@ BAD_CONFIGS = [
     ("layerwise", {"early_bits": 2, "late_bits": 4}, "early_bits"),
     ("layerwise", {"early_fraction": -0.1}, "early_fraction"),
     ("layerwise", {"late_bits": 7}, "late_bits"),
+    ("mixed", {"k_bits": [], "v_bits": []}, "one width per layer"),
+    ("mixed", {"k_bits": [4, 5], "v_bits": [4, 4]}, "k_bits"),
+    ("mixed", {"k_bits": [4, 4], "v_bits": [4]}, "same layers"),
+    ("mixed", {"k_bits": 4, "v_bits": [4]}, "one width per layer"),
 ]
 
 

@@ -20,8 +20,9 @@ def test_every_shipped_pipeline_is_warmed():
     pipelines = shipped_pipelines()
     ids = {stage["id"] for config in pipelines for stage in config["stages"]}
     assert {"kivi", "ans", "snapkv", "enec", "zstd", "layerwise"} <= ids  # the kernels a request may need
+    cache = synthetic_cache(n_layers=30, kv_heads=3, head_dim=64)  # the shipped library's model (mixed widths per layer)
     for config in pipelines:  # each runs on the synthetic cache (observations for the selectors)
-        Pipeline.decode_data(Pipeline.from_config(config).encode(synthetic_cache()))
+        Pipeline.decode_data(Pipeline.from_config(config).encode(cache))
     assert warm_up(pipelines[:1]) > 0
 
 

@@ -30,6 +30,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "kivi": f"{_KV}.quantizers.kivi:KIVI",
     "headwise": f"{_KV}.quantizers.headwise:HeadwiseMixed",
     "layerwise": f"{_KV}.quantizers.layerwise:LayerwiseBits",
+    "mixed": f"{_KV}.quantizers.mixed:MixedBits",
     # encoders: array -> bytes
     "raw": f"{_KV}.encoders.raw:Raw",
     "enec": f"{_KV}.encoders.enec:Enec",

@@ -23,9 +23,10 @@ __all__ = ["synthetic_cache", "warm_up", "shipped_pipelines"]
 
 
 def synthetic_cache(n_layers: int = 2, kv_heads: int = 2, tokens: int = 96, head_dim: int = 64,
-                    q_heads: int = 4, window: int = 16, seed: int = 0) -> KVCacheData:  # fmt: skip
-    """A small float32 cache with observations, shaped like a real one (batch 1)."""
+                    q_heads: int | None = None, window: int = 16, seed: int = 0) -> KVCacheData:  # fmt: skip
+    """A small float32 cache with observations, shaped like a real one (batch 1; ``q_heads``: 2 per KV head)."""
     rng = np.random.default_rng(seed)
+    q_heads = q_heads or 2 * kv_heads
     shape = (1, kv_heads, tokens, head_dim)
     positions = np.broadcast_to(np.arange(tokens, dtype=np.int64), shape[:3]).copy()
     layers = [KVLayer(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32),
@@ -45,12 +46,19 @@ def shipped_pipelines() -> list[dict]:
 
 
 def warm_up(pipelines: Iterable[dict] | None = None, cache: KVCacheData | None = None) -> float:
-    """Encode and decode ``cache`` (default: :func:`synthetic_cache`) with each pipeline config.
+    """Encode and decode ``cache`` with each pipeline config; returns the seconds it took.
 
-    Returns the seconds it took. ``pipelines`` defaults to :func:`shipped_pipelines`.
+    ``pipelines`` defaults to :func:`shipped_pipelines`, ``cache`` to a
+    :func:`synthetic_cache` of the shipped library's model shape (some profiles, such as
+    ``mixed`` widths, hold one setting per layer of that model).
     """
     began = time.perf_counter()
-    cache = cache if cache is not None else synthetic_cache()
+    if cache is None:
+        from ..data import SMOLLM2_LIBRARY
+        from .profiles import ProfileLibrary
+
+        model = ProfileLibrary.load(SMOLLM2_LIBRARY).model
+        cache = synthetic_cache(n_layers=model.n_layers, kv_heads=model.kv_heads, head_dim=model.head_dim)
     for config in shipped_pipelines() if pipelines is None else pipelines:
         Pipeline.decode_data(Pipeline.from_config(config).encode(cache))
     return time.perf_counter() - began
