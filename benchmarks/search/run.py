@@ -208,7 +208,7 @@ def cmd_retime_library(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    """Scan every layer's keys and values at 2/3/4 bits (2 windows), then evaluate allocations in full.
+    """Scan every layer's keys and values alone (``--bits``, ``--scan-windows``), then evaluate allocations.
 
     The scan (``tensorwire.search.sensitivity.scan``) is cached in results/sensitivity.json
     (``--rescan`` measures again); each budget's allocation is evaluated with the library's
@@ -227,15 +227,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     model, tokenizer = load_smollm2()
     path = RESULTS / "sensitivity.json"
     if args.rescan or not path.exists():
-        scanner = Evaluator(model, tokenizer, EvalSettings(str(TEXT), context=2048, windows=2, needles=0))
+        scanner = Evaluator(model, tokenizer, EvalSettings(str(TEXT), context=2048, windows=args.scan_windows, needles=0))
 
         def measure(config):
-            return scanner.evaluate(Pipeline.from_config(config), windows=2, needles=0, speed=False).ppl_increase
+            return scanner.evaluate(Pipeline.from_config(config), needles=0, speed=False).ppl_increase
 
         started = time.time()
-        sensitivity = scan(measure, model.config.num_hidden_layers, bits=(2, 3, 4),
+        sensitivity = scan(measure, model.config.num_hidden_layers, bits=tuple(args.bits),
                            log=lambda line: print(f"  {line} [{time.time() - started:.0f} s]", flush=True))  # fmt: skip
-        sensitivity.settings.update({"context": 2048, "windows": 2, "continuation": 128, "seconds": time.time() - started})
+        sensitivity.settings.update({"context": 2048, "windows": args.scan_windows, "continuation": 128,
+                                     "seconds": time.time() - started})  # fmt: skip
         path.write_text(json.dumps(sensitivity.to_dict(), indent=1) + "\n")
     sensitivity = Sensitivity.from_dict(json.loads(path.read_text()))
     evaluator = Evaluator(model, tokenizer, EvalSettings(str(TEXT), context=2048, windows=4, needles=10, question="in_prompt"))
@@ -262,30 +263,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     out = RESULTS / "mixed.json"
     out.write_text(json.dumps({"machine": machine_info(("torch",)), "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
-    if args.add_to_library:
-        add_mixed_profiles(Path(args.add_to_library), rows)
     return 0
-
-
-def add_mixed_profiles(path: Path, rows: list[dict]) -> None:
-    """Add the mixed allocations that meet the library's search budget to the library at ``path``."""
-    from tensorwire.kv.profiles import Profile, ProfileLibrary
-
-    library = ProfileLibrary.load(path)
-    budget = library.machine.get("search", {}).get("budget", {})
-    max_ppl, max_drop = budget.get("max_ppl_increase", math.inf), budget.get("max_retrieval_drop", math.inf)
-    added = []
-    for row in rows:
-        drop = row["retrieval_base"] - row["retrieval"]
-        if row["kind"] != "mixed" or row["ppl_increase"] > max_ppl or drop > max_drop:
-            continue
-        name = f"mixed:k_mean={row['mean_k_bits']:.2f},v_mean={row['mean_v_bits']:.2f},group_size=128/ans"
-        extra = {"source": "benchmarks/search/run.py sensitivity (results/mixed.json)", "budget": row["budget"]}
-        added.append(Profile(name, row["pipeline"], row["ratio"], row["ppl_increase"], drop, row["encode_bps"],
-                             row["decode_bps"], 1, extra))  # fmt: skip
-    kept = library.without({p.name for p in added}) if set(library.names) & {p.name for p in added} else library
-    ProfileLibrary(kept.model, (*kept.profiles, *added), dict(kept.machine)).save(path)
-    print(f"added {len(added)} mixed profiles to {path}")
 
 
 # -- replay -------------------------------------------------------------------------------
@@ -528,11 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     lib.add_argument("--torch-threads", type=int, default=1, help="threads of the model forward passes (default 1)")
     lib.set_defaults(func=cmd_retime_library)
     sens = sub.add_parser("sensitivity", help="per-layer K/V sensitivity scan and mixed-precision allocations")
-    sens.add_argument("--budgets", type=float, nargs="+", default=[0.03, 0.04, 0.06, 0.08, 0.12],
-                      help="allocation budgets (summed fitted increases; they order allocations, see the module)")
+    sens.add_argument("--budgets", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.03],
+                      help="allocation budgets (summed added increases over the widest width; they order allocations)")
     sens.add_argument("--rescan", action="store_true", help="measure the scan again (else results/sensitivity.json)")
+    sens.add_argument("--scan-windows", type=int, default=8,
+                      help="perplexity windows per scan measurement (2 proved too noisy: see README)")
+    sens.add_argument("--bits", type=int, nargs="+", default=[3, 4], help="candidate widths of the scan")
     sens.add_argument("--torch-threads", type=int, default=2)
-    sens.add_argument("--add-to-library", metavar="LIB", help="add the mixed allocations within the library's budget")
     sens.set_defaults(func=cmd_sensitivity)
     r = sub.add_parser("replay", help="Bayesian vs random search, replayed against the cached grid")
     r.add_argument("--grid", help="grid JSON (default results/grid_<id>.json)")

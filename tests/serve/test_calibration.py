@@ -11,7 +11,7 @@ from tensorwire.testing.strategies import kv_cache_data
 
 def test_calibration_replaces_speeds_and_keeps_the_offline_measurements(tmp_path):
     library = ProfileLibrary.load(KV_LIBRARY)
-    cache = kv_cache_data(4, 1, 3, 96, 64)  # SnapKV-free library: no observations needed
+    cache = kv_cache_data(30, 1, 3, 96, 64)  # the library's model shape (mixed widths per layer); no SnapKV: no observations
     lines = []
     calibrated = calibrate(library, cache, repeats=1, log=lines.append)
     assert calibrated.names == library.names and calibrated.model == library.model and len(lines) == len(library)
