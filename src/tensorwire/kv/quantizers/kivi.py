@@ -47,7 +47,7 @@ from .floats import widen
 from .groups import dequantize_groups, group_error_bound, param_shape, quantize_groups
 from .uniform import check_bits, check_group_size
 
-__all__ = ["KIVI", "HeadClass", "dequantize_kivi", "kivi_error_bound", "kivi_split", "quantize_kivi", "residual_bound"]
+__all__ = ["KIVI", "HeadClass", "PerLayerKIVI", "dequantize_kivi", "kivi_error_bound", "kivi_split", "quantize_kivi", "residual_bound"]
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _BF16_MAX = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
@@ -226,3 +226,18 @@ class KIVI(Quantizer):
         planes = self.quantize(0, 1, keys, values)
         tk, tv = kivi_split(keys.shape[2], self.group_size, self.residual)
         return kivi_error_bound(planes, keys, values, tk, tv)
+
+
+class PerLayerKIVI(Quantizer):
+    """A quantizer that hands each layer to a KIVI of that layer's widths (:meth:`layer_quantizer`)."""
+
+    def layer_quantizer(self, layer_index: int, n_layers: int) -> KIVI:
+        raise NotImplementedError
+
+    def quantize(self, layer_index: int, n_layers: int, keys: np.ndarray, values: np.ndarray) -> dict[str, Plane]:
+        return self.layer_quantizer(layer_index, n_layers).quantize(layer_index, n_layers, keys, values)
+
+    def dequantize(
+        self, layer_index: int, n_layers: int, planes: dict[str, Plane], shape: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.layer_quantizer(layer_index, n_layers).dequantize(layer_index, n_layers, planes, shape)

@@ -20,15 +20,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..stage import Plane, Quantizer, ShapeMismatch, is_number
-from .kivi import KIVI, check_residual
+from ..stage import ShapeMismatch, is_number
+from .kivi import KIVI, PerLayerKIVI, check_residual
 from .uniform import check_bits, check_group_size
 
 __all__ = ["LayerwiseBits"]
 
 
 @dataclass(frozen=True)
-class LayerwiseBits(Quantizer):
+class LayerwiseBits(PerLayerKIVI):
     """KIVI with ``early_bits`` for the first ``early_fraction`` of the layers, ``late_bits`` after.
 
     Parameters
@@ -88,14 +88,6 @@ class LayerwiseBits(Quantizer):
         """The KIVI quantizer that layer ``layer_index`` of ``n_layers`` uses."""
         bits = self.bits(layer_index, n_layers)
         return KIVI(k_bits=bits, v_bits=bits, group_size=self.group_size, residual=self.residual)
-
-    def quantize(self, layer_index: int, n_layers: int, keys: np.ndarray, values: np.ndarray) -> dict[str, Plane]:
-        return self.layer_quantizer(layer_index, n_layers).quantize(layer_index, n_layers, keys, values)
-
-    def dequantize(
-        self, layer_index: int, n_layers: int, planes: dict[str, Plane], shape: tuple[int, int, int, int]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return self.layer_quantizer(layer_index, n_layers).dequantize(layer_index, n_layers, planes, shape)
 
     def error_bound(self, keys: np.ndarray, values: np.ndarray) -> float:
         """KIVI's bound at ``late_bits``: the largest of any layer (the layer is not known here)."""

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..stage import Plane, Quantizer, ShapeMismatch
-from .kivi import KIVI, check_residual
+from ..stage import ShapeMismatch
+from .kivi import KIVI, PerLayerKIVI, check_residual
 from .uniform import check_bits, check_group_size
 
 __all__ = ["MixedBits"]
 
 
 @dataclass(frozen=True)
-class MixedBits(Quantizer):
+class MixedBits(PerLayerKIVI):
     """KIVI with ``k_bits[i]`` / ``v_bits[i]`` for layer ``i``.
 
     Parameters
@@ -73,14 +73,6 @@ class MixedBits(Quantizer):
             )
         return KIVI(k_bits=self.k_bits[layer_index], v_bits=self.v_bits[layer_index], group_size=self.group_size,
                     residual=self.residual)  # fmt: skip
-
-    def quantize(self, layer_index: int, n_layers: int, keys: np.ndarray, values: np.ndarray) -> dict[str, Plane]:
-        return self.layer_quantizer(layer_index, n_layers).quantize(layer_index, n_layers, keys, values)
-
-    def dequantize(
-        self, layer_index: int, n_layers: int, planes: dict[str, Plane], shape: tuple[int, int, int, int]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        return self.layer_quantizer(layer_index, n_layers).dequantize(layer_index, n_layers, planes, shape)
 
     def error_bound(self, keys: np.ndarray, values: np.ndarray) -> float:
         """KIVI's bound at the smallest listed widths: the largest of any layer."""
