@@ -6,7 +6,9 @@ second. :func:`warm_up` runs the pipelines once on a small synthetic cache: numb
 specialises on dtypes and layouts, not sizes, so that is every kernel a real cache of the
 same float32 layout needs. ``scripts/setup.sh`` runs it once (``tensorwire kv warm``) so
 that no process of a fresh install compiles on a request's path; serving workers also
-warm with a real cache at start (:func:`tensorwire.serve.calibration.warm`).
+call :func:`warm_up` with a real cache at start, and the vLLM connector with a synthetic
+cache of its model's shape. Without it a decode worker's first 512-token transfer took
+0.49 s instead of about 0.05 s.
 """
 
 from __future__ import annotations

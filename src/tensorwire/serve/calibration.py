@@ -2,8 +2,8 @@
 
 A profile library is measured once, offline, on some machine; a worker runs on another,
 beside other work. At start a worker therefore (1) encodes and decodes a real cache
-with every profile once, which compiles the numba kernels (seconds each on a cold
-cache, otherwise the first request pays them), and (2) times each profile's encode and
+with every profile once (:func:`tensorwire.kv.warmup.warm_up`), which compiles or loads the
+numba kernels (otherwise the first request pays them), and (2) times each profile's encode and
 decode on that cache on one thread, the unit the latency model's throughputs are in, and
 (3) measures each payload's size at two cache lengths, which gives a size model: a fixed
 part (the header, and tokens some stages keep at full precision, such as KIVI's residual
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 
 from ..kv.pipeline import Pipeline
@@ -26,20 +26,7 @@ from ..kv.stage import KVCacheData
 from ..search.objectives import measure_codec
 from .pool.store import block_of
 
-__all__ = ["calibrate", "warm"]
-
-
-def warm(pipelines: Iterable[dict], cache: KVCacheData) -> float:
-    """Encode and decode ``cache`` once with each pipeline config; returns the seconds it took.
-
-    A decode worker runs this at start (it decodes what any profile encodes), so that its
-    first transfer of each kind does not pay the numba kernels' compilation or loading:
-    without it the first 512-token transfer took 0.49 s instead of about 0.05 s.
-    """
-    began = time.perf_counter()
-    for config in pipelines:
-        Pipeline.decode_data(Pipeline.from_config(config).encode(cache))
-    return time.perf_counter() - began
+__all__ = ["calibrate"]
 
 
 def _prefix(cache: KVCacheData, tokens: int) -> KVCacheData:

@@ -287,19 +287,12 @@ def _warm(pipelines: list[dict[str, Any]], shape: dict[str, int]) -> None:
     """Encode and decode a small cache with every pipeline once, at start: the first use of a
     pipeline compiles (or loads) its numba kernels, which must not land on a request's path.
     The values are random: this warms code, it measures nothing."""
-    import numpy as np
+    from ...kv.warmup import synthetic_cache, warm_up
 
-    from ...kv.stage import KVCacheData, KVLayer
-    from ...serve.calibration import warm
-
-    rng = np.random.default_rng(0)
-    dims = (1, shape["kv_heads"], 256, shape["head_dim"])
-    positions = np.broadcast_to(np.arange(256), dims[:3]).copy()
-    cache = KVCacheData([KVLayer(rng.standard_normal(dims, dtype=np.float32), rng.standard_normal(dims, dtype=np.float32),
-                                 positions) for _ in range(shape["n_layers"])], seq_len=256)  # fmt: skip
+    cache = synthetic_cache(n_layers=shape["n_layers"], kv_heads=shape["kv_heads"], tokens=256, head_dim=shape["head_dim"])
     for config in pipelines:
         try:
-            warm([config], cache)
+            warm_up([config], cache)
         except Exception as exc:  # a pipeline that cannot warm on random values still works on real ones
             log.warning("warming %s failed: %s: %s", config, type(exc).__name__, exc)
 

@@ -28,7 +28,8 @@ from ...data import SAMPLE_TEXT, SMOLLM2_LIBRARY
 from ...kv.pipeline import Pipeline
 from ...kv.profiles import RAW, ProfileLibrary
 from .. import auth
-from ..calibration import calibrate, warm
+from ...kv.warmup import warm_up
+from ..calibration import calibrate
 from ..engine import Engine
 from ..transport import Netns, TokenBucket, connect, gbps, start_server
 from ..pool.session import PoolSession, pool_library
@@ -128,7 +129,7 @@ def _installed_pipelines(library: ProfileLibrary) -> list[dict]:
 def _decode(args: argparse.Namespace, engine: Engine):
     library = _library(args, engine)
     usable = _installed_pipelines(library)
-    seconds = warm([RAW_PIPELINE, *usable], _warm_up_cache(engine))
+    seconds = warm_up([RAW_PIPELINE, *usable], _warm_up_cache(engine))
     log.info("decoders of raw and %d profiles warmed in %.1f s", len(usable), seconds)
     return DecodeWorker(engine).handle
 
@@ -136,9 +137,9 @@ def _decode(args: argparse.Namespace, engine: Engine):
 def _prefill(args: argparse.Namespace, engine: Engine):
     library = _library(args, engine)
     cache = _warm_up_cache(engine)
-    warm([RAW_PIPELINE], cache)  # calibrating warms the profiles
+    warm_up([RAW_PIPELINE], cache)  # calibrating warms the profiles
     if args.no_calibrate:
-        warm(_installed_pipelines(library), cache)
+        warm_up(_installed_pipelines(library), cache)
     else:
         library = calibrate(library, cache, log=log.info)
     rate = gbps(args.gbps) if args.gbps else None
