@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="*", help="safetensors files (default: the real MiniLM weights)")
     p.add_argument("--smollm2", action="store_true", help="benchmark SmolLM2-135M cast to BF16 instead (exports it once)")
     p.add_argument("--dtypes", nargs="+", default=None, help="default BF16 F16 F32 (BF16 with --smollm2)")
+    p.add_argument("--via", default="F32", help="cast the weights to this dtype first (BF16: F32/F16 rows of an upcast checkpoint)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--codecs", nargs="+", default=None, help=f"subset of {[*weights.CODECS, *weights.BOUNDS]}")
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         json_path=args.json or HERE / "results" / f"{stem}.json",
         png_path=args.png or HERE / "results" / f"{stem}.png",
         codecs=args.codecs,
+        via=args.via,
         progress=lambda message: print(f"[{time.time() - start:6.0f}s] {message}", file=sys.stderr, flush=True),
     )
     print(weights.format_table(result))

@@ -142,6 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         json_path=args.json,
         png_path=args.png,
+        via=args.via,
     )
     print(weights.format_table(result))
     return 0
@@ -403,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--png", help="write ratio-vs-throughput plot here")
     b.add_argument("--repeats", type=int, default=7)
     b.add_argument("--threads", dest="threads_list", type=int, nargs="+", default=[1, 2], help="thread counts to measure")
+    b.add_argument("--via", default="F32", help="cast the weights to this dtype first (BF16: an upcast checkpoint's F32/F16 rows)")
     b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("kv", help="KV-cache compression on a real model (SmolLM2-135M-Instruct)")

@@ -190,7 +190,7 @@ def test_malformed_index(twz, mutate, match):
 
 
 def test_index_version(twz):
-    rewrite_index(twz, lambda d: d.__setitem__("version", 2))
+    rewrite_index(twz, lambda d: d.__setitem__("version", 3))
     with pytest.raises(UnsupportedVersion):
         tensorwire.open(twz)
 

@@ -31,6 +31,8 @@ __all__ = [
     "MODE_RAW",
     "MODE_LANES",
     "MODE_HUFFMAN",
+    "MODE_NARROW",
+    "NARROW_HEADER",
     "LANES",
     "EXCEPTION_BITS",
     "sample_stride",
@@ -51,9 +53,11 @@ BLOCK = 256
 MODE_RAW = 0
 MODE_LANES = 1
 MODE_HUFFMAN = 2
+MODE_NARROW = 3
 EXCEPTION_BITS = 16  # one position byte + one exponent byte
 HEADER = struct.Struct("<BBBBII")  # mode, base, reserved, reserved, n, n_exceptions
 RAW_HEADER = struct.Struct("<BBBBI")  # mode, 3 reserved, n
+NARROW_HEADER = struct.Struct("<BBBBII")  # mode, shift, 2 reserved, n, n_exceptions
 BASE_SAMPLE_STRIDE = 16
 BASE_SAMPLE_MIN = 1 << 16
 

@@ -4,7 +4,10 @@ A chunk stream starts with its mode byte (docs/FORMAT.md, "Chunk streams"):
 
 * mode 0, stored: the bytes unchanged (other dtypes, or data that did not compress);
 * mode 1, lanes: the fast ENEC stream of ``blocks.py``;
-* mode 2, huffman: the high-ratio stream of ``entropy.py``.
+* mode 2, huffman: the high-ratio stream of ``entropy.py``;
+* mode 3, narrow: values whose lowest mantissa bits are all zero (an f32 checkpoint upcast
+  from bf16, an f16 one cast from bf16) shifted right and coded as a narrower float by
+  mode 1 or 2, which then no longer stores the zeros as raw bits.
 
 ``impl="cpu"`` runs the numba kernels, ``impl="reference"`` the numpy reference; both
 read and write the same bytes.
@@ -16,9 +19,9 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import CorruptData, FormatError
+from ..errors import CorruptData, FormatError, Truncated
 from . import blocks, entropy
-from .planes import DTYPE_ITEMSIZE, FloatLayout, layout_for
+from .planes import DTYPE_ITEMSIZE, FloatLayout, layout_for, narrow_shift, narrowed
 
 __all__ = ["LEVELS", "encode_chunk", "decode_chunk", "encode_huffman", "decode_huffman", "Impl", "Level"]
 
@@ -26,6 +29,7 @@ Level = Literal["fast", "max"]
 Impl = Literal["cpu", "reference"]
 LEVELS: tuple[str, ...] = ("fast", "max")
 HUFFMAN_ALWAYS_ABOVE = 1 << 16  # values; larger chunks always take mode 2 at level "max"
+NARROW_SAMPLE_STRIDE = 16  # mode 3's shift is chosen on every 16th value
 
 
 def _check_level(level: str) -> None:
@@ -38,11 +42,12 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"unknown impl {impl!r}; expected 'cpu' or 'reference'")
 
 
-def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl = "cpu") -> np.ndarray:
+def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl = "cpu", narrow: bool = True) -> np.ndarray:
     """Encode the values of one chunk (any array whose bytes are the little-endian values).
 
     Returns the chunk stream as a uint8 array. Falls back to stored mode when the codec
-    would not make the chunk smaller.
+    would not make the chunk smaller. ``narrow=False`` never writes mode 3, for formats
+    whose readers predate it.
     """
     _check_level(level)
     layout = layout_for(dtype)
@@ -51,6 +56,50 @@ def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl
     if layout is None or n == 0:
         return np.frombuffer(blocks.encode_raw(raw, n), dtype=np.uint8)
     values = raw.view(layout.uint)
+    encoded = _encode_narrow(values, layout, level, impl) if narrow else None
+    if encoded is None:
+        encoded = _encode_float(values, layout, level, impl)
+    if encoded.size >= raw.size + blocks.RAW_HEADER.size:
+        return np.frombuffer(blocks.encode_raw(raw, n), dtype=np.uint8)
+    return encoded
+
+
+def _encode_narrow(values: np.ndarray, layout: FloatLayout, level: Level, impl: Impl) -> np.ndarray | None:
+    """A mode-3 stream when dropping low mantissa bits pays, else None.
+
+    The shift is the one that saves the most bits, ``shift * n`` less the cost of the values
+    that have a set bit below it (exceptions: a u32 position and the whole word each), as
+    estimated on every 16th value; exceptions are then found exactly. An f16 cast from bf16
+    has 3 zero bits except in its subnormals, a few in ten thousand.
+    """
+    n = values.size
+    shifts = [s for s in range(1, layout.man_bits + 1) if narrow_shift(layout, s) == s]
+    exception_bits = 32 + 8 * values.itemsize
+    sample = values[::NARROW_SAMPLE_STRIDE]
+    if not shifts or np.count_nonzero(sample[:1024] & ((1 << shifts[0]) - 1)) * exception_bits >= shifts[-1] * min(sample.size, 1024):
+        return None  # most values have their lowest bit set: the common case, decided on 1024 values
+    gains: dict[int, int] = {}
+    for s in shifts:  # a larger shift has at least as many exceptions: stop once none can pay
+        exceptions = int(np.count_nonzero(sample & ((1 << s) - 1))) * NARROW_SAMPLE_STRIDE
+        if exceptions * exception_bits >= shifts[-1] * n:
+            break
+        gains[s] = s * n - exceptions * exception_bits
+    if not gains or max(gains.values()) <= 0:
+        return None
+    shift = max(gains, key=gains.get)
+    positions = np.flatnonzero(values & ((1 << shift) - 1)).astype("<u4")
+    if shift * n <= positions.size * exception_bits:
+        return None
+    inner = narrowed(layout, shift)
+    header = blocks.NARROW_HEADER.pack(blocks.MODE_NARROW, shift, 0, 0, n, positions.size)
+    body = _encode_float(np.right_shift(values, shift).astype(inner.uint), inner, level, impl)
+    head = np.frombuffer(header + positions.tobytes() + values[positions].astype(layout.uint).tobytes(), dtype=np.uint8)
+    return np.concatenate([head, body])
+
+
+def _encode_float(values: np.ndarray, layout: FloatLayout, level: Level, impl: Impl) -> np.ndarray:
+    """Mode 1 or 2, whichever ``level`` asks for (``max``: the smaller of the two on small chunks)."""
+    n = values.size
     encoded = _encode_lanes(values, layout, impl) if level == "fast" or n <= HUFFMAN_ALWAYS_ABOVE else None
     if level == "max":
         huffman = encode_huffman(values, layout, impl=impl)
@@ -58,8 +107,6 @@ def encode_chunk(data: np.ndarray, dtype: str, level: Level = "fast", impl: Impl
         # smaller stream, so that "max" is never larger than "fast".
         if encoded is None or huffman.size < encoded.size:
             encoded = huffman
-    if encoded.size >= raw.size + blocks.RAW_HEADER.size:
-        return np.frombuffer(blocks.encode_raw(raw, n), dtype=np.uint8)
     return encoded
 
 
@@ -92,7 +139,49 @@ def decode_chunk(buf: np.ndarray, dtype: str, n: int, out: np.ndarray | None = N
         return out
     if layout is None:
         raise CorruptData(f"a chunk of dtype {dtype} must be stored (mode 0), found mode {mode}; the file is corrupt")
-    values = out.view(layout.uint)
+    if mode == blocks.MODE_NARROW:
+        _decode_narrow(buf, layout, n, out.view(layout.uint), impl)
+        return out
+    _decode_float(buf, mode, layout, n, out.view(layout.uint), impl)
+    return out
+
+
+def _decode_narrow(buf: np.ndarray, layout: FloatLayout, n: int, values: np.ndarray, impl: Impl) -> None:
+    """Check and decode a mode-3 stream into ``values``."""
+    size = blocks.NARROW_HEADER.size
+    if buf.size < size:
+        raise Truncated(f"narrow chunk has {buf.size} bytes, fewer than its header; the file is truncated")
+    _, shift, r0, r1, count, n_exceptions = blocks.NARROW_HEADER.unpack_from(buf[:size].tobytes())
+    if r0 or r1:
+        raise CorruptData("reserved bytes of a narrow chunk are not zero; the chunk is corrupt")
+    if shift == 0 or narrow_shift(layout, shift) != shift:
+        raise CorruptData(f"a narrow {layout.name} chunk declares a shift of {shift} bits, which {layout.name} cannot use; the chunk is corrupt")
+    if count != n:
+        raise CorruptData(f"narrow chunk declares {count} values, the index expects {n}; the file is corrupt")
+    if n_exceptions > n:
+        raise CorruptData(f"narrow chunk declares {n_exceptions} exceptions for {n} values; the chunk is corrupt")
+    words_at = size + 4 * n_exceptions
+    body_at = words_at + layout.uint.itemsize * n_exceptions
+    if buf.size <= body_at:
+        raise Truncated(f"narrow chunk has {buf.size} bytes, its {n_exceptions} exceptions and a stream need more; the file is truncated")
+    positions = buf[size:words_at].view("<u4").astype(np.int64)
+    if n_exceptions and (positions[-1] >= n or np.any(np.diff(positions) <= 0)):
+        raise CorruptData(f"narrow chunk's exception positions are not ascending below {n}; the chunk is corrupt")
+    inner = narrowed(layout, shift)
+    body = buf[body_at:]
+    if body[0] not in (blocks.MODE_LANES, blocks.MODE_HUFFMAN):
+        raise CorruptData(f"a narrow chunk must wrap a mode 1 or 2 stream, found mode {body[0]}; the chunk is corrupt")
+    words = np.empty(n, dtype=inner.uint)
+    _decode_float(body, body[0], inner, n, words, impl)
+    exceptions = buf[words_at:body_at].view(layout.uint)
+    if np.any((exceptions >> shift) != words[positions]):
+        raise CorruptData("a narrow chunk's exception words disagree with its coded values; the chunk is corrupt")
+    np.left_shift(words, shift, out=values, dtype=layout.uint)
+    values[positions] = exceptions
+
+
+def _decode_float(buf: np.ndarray, mode: int, layout: FloatLayout, n: int, values: np.ndarray, impl: Impl) -> None:
+    """Decode a mode 1 or 2 stream of ``layout`` into ``values`` (raises for other modes)."""
     if mode == blocks.MODE_LANES:
         plan = blocks.parse_lanes(buf, layout, n)
         if impl == "cpu":
@@ -101,12 +190,12 @@ def decode_chunk(buf: np.ndarray, dtype: str, n: int, out: np.ndarray | None = N
             cpu.decode_lanes(buf, plan, layout, values)
         else:
             values[:] = blocks.decode_lanes(buf, layout, n)
-        return out
+        return
     if mode == blocks.MODE_HUFFMAN:
         decode_huffman(buf, layout, n, values, impl=impl)
-        return out
+        return
     raise FormatError(
-        f"unknown chunk mode {mode}; this build knows modes 0-2. The file may come from a newer "
+        f"unknown chunk mode {mode}; this build knows modes 0-3. The file may come from a newer "
         "tensorwire: upgrade, or the file is corrupt"
     )
 

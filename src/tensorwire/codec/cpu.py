@@ -283,7 +283,7 @@ class LayoutConstants(NamedTuple):
 
 
 def layout_constants(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: int) -> LayoutConstants:
-    UT = {8: np.uint8, 16: np.uint16, 32: np.uint32}[bits]
+    UT = np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32  # narrowed layouts: 13 bits in a u16
     return LayoutConstants(
         UT=UT,
         EXP_MASK=UT((1 << exp_bits) - 1),
@@ -351,12 +351,13 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                     else:
                         p0 = out[planes_at + start : planes_at + start + count]
                         p1 = out[planes_at + n + start : planes_at + n + start + count]
-                        p2 = out[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+                        p2 = out[planes_at + (RB - 1) * n + start : planes_at + (RB - 1) * n + start + count]  # RB 2: unused
                         for i in range(count):
                             raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
                             p0[i] = U8(raw & UT(0xFF))
                             p1[i] = U8((raw >> UT(8)) & UT(0xFF))
-                            p2[i] = U8((raw >> UT(16)) & UT(0xFF))
+                            if RB == 3:
+                                p2[i] = U8((raw >> UT(16)) & UT(0xFF))
                             r[i] = U8(raw >> REM_SHIFT) & REM_MASK
                     w, n_e = _choose_width(codes, exp_bits, acc, acc_words)
                     widths[blk] = w
@@ -410,10 +411,12 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                     else:
                         p0 = buf[planes_at + start : planes_at + start + count]
                         p1 = buf[planes_at + n + start : planes_at + n + start + count]
-                        p2 = buf[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+                        p2 = buf[planes_at + (RB - 1) * n + start : planes_at + (RB - 1) * n + start + count]  # RB 2: unused
                         for i in range(count):
                             s = sym[i]
-                            raw = UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(p2[i]) << UT(16)) | (UT(s & REM_MASK) << REM_SHIFT)
+                            raw = UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(s & REM_MASK) << REM_SHIFT)
+                            if RB == 3:
+                                raw |= UT(p2[i]) << UT(16)
                             e = UT(((s >> REM) + b) & U8(EXP_MASK))
                             o[i] = ((raw >> MAN) << SIGN) | (e << MAN) | (raw & MAN_MASK)
                     for k in range(exc_offsets[blk], exc_offsets[blk + 1]):

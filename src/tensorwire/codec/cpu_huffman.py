@@ -493,12 +493,13 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                     else:
                         p0 = out[planes_at + start : planes_at + start + count]
                         p1 = out[planes_at + n + start : planes_at + n + start + count]
-                        p2 = out[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+                        p2 = out[planes_at + (RB - 1) * n + start : planes_at + (RB - 1) * n + start + count]  # RB 2: unused
                         for i in range(count):
                             raw = (v[i] & MAN_MASK) | ((v[i] >> SIGN) << MAN)
                             p0[i] = U8(raw & UT(0xFF))
                             p1[i] = U8((raw >> UT(8)) & UT(0xFF))
-                            p2[i] = U8((raw >> UT(16)) & UT(0xFF))
+                            if RB == 3:
+                                p2[i] = U8((raw >> UT(16)) & UT(0xFF))
                             s[i] = (U8((v[i] >> MAN) & EXP_MASK) << REM) | (U8(raw >> REM_SHIFT) & REM_MASK)
                     _count_symbols(sym, start, start + count, local)
                 for c in range(SYMBOLS):
@@ -536,12 +537,11 @@ def _build(bits: int, exp_bits: int, man_bits: int, raw_bytes: int, rem_bits: in
                     else:
                         p0 = buf[planes_at + start : planes_at + start + count]
                         p1 = buf[planes_at + n + start : planes_at + n + start + count]
-                        p2 = buf[planes_at + 2 * n + start : planes_at + 2 * n + start + count]
+                        p2 = buf[planes_at + (RB - 1) * n + start : planes_at + (RB - 1) * n + start + count]  # RB 2: unused
                         for i in range(count):
-                            raw = (
-                                UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(p2[i]) << UT(16))
-                                | (UT(s[i] & REM_MASK) << REM_SHIFT)
-                            )  # fmt: skip
+                            raw = UT(p0[i]) | (UT(p1[i]) << UT(8)) | (UT(s[i] & REM_MASK) << REM_SHIFT)
+                            if RB == 3:
+                                raw |= UT(p2[i]) << UT(16)
                             o[i] = ((raw >> MAN) << SIGN) | (UT(s[i] >> REM) << MAN) | (raw & MAN_MASK)
             return bad
 

@@ -23,7 +23,8 @@ from .planes import DTYPE_ITEMSIZE, LAYOUTS
 __all__ = ["EnecCodec", "FRAME_MAGIC", "FRAME_VERSION", "DEFAULT_CHUNK_BYTES", "values_per_chunk"]
 
 FRAME_MAGIC = b"\x89TWF\r\n\x1a\n"
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # what this build writes; 2 added chunk mode 3 (narrow)
+FRAME_READABLE_VERSIONS = (1, 2)
 FRAME_HEADER = struct.Struct("<8sHHBBHI")  # magic, version, flags, dtype, ndim, reserved, n_chunks
 CHUNK_ENTRY = struct.Struct("<QQQ")  # values, bytes, xxh3_64 of the chunk stream
 MAX_NDIM = 64
@@ -132,9 +133,9 @@ def _parse_header(data: np.ndarray) -> tuple[str, tuple[int, ...], list[tuple[in
     if data.size < FRAME_HEADER.size:
         raise Truncated(f"frame has {data.size} bytes, fewer than its {FRAME_HEADER.size}-byte header")
     _, version, flags, code, ndim, reserved, n_chunks = FRAME_HEADER.unpack_from(data[: FRAME_HEADER.size].tobytes())
-    if version != FRAME_VERSION:
+    if version not in FRAME_READABLE_VERSIONS:
         raise UnsupportedVersion(
-            f"frame version {version}, this build reads version {FRAME_VERSION}: upgrade tensorwire to read it"
+            f"frame version {version}, this build reads versions {FRAME_READABLE_VERSIONS}: upgrade tensorwire to read it"
         )
     if flags or reserved:
         raise CorruptData(f"reserved frame fields are flags={flags}, reserved={reserved}; expected 0")

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UnsupportedDType
 
-__all__ = ["FloatLayout", "LAYOUTS", "DTYPE_ITEMSIZE", "layout_for", "split", "merge"]
+__all__ = ["FloatLayout", "LAYOUTS", "DTYPE_ITEMSIZE", "layout_for", "narrow_shift", "narrowed", "split", "merge"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class FloatLayout:
 
     @property
     def uint(self) -> np.dtype:
-        return np.dtype(f"<u{self.bits // 8}")
+        """The smallest unsigned word that holds ``bits`` bits (a narrowed layout's may be wider)."""
+        return np.dtype(f"<u{1 if self.bits <= 8 else 2 if self.bits <= 16 else 4}")
 
     @property
     def raw_bits(self) -> int:
@@ -81,6 +82,28 @@ def layout_for(dtype_name: str) -> FloatLayout | None:
             f"dtype {dtype_name!r} is not supported; expected one of {sorted(DTYPE_ITEMSIZE)}"
         )
     return LAYOUTS.get(dtype_name)
+
+
+def narrowed(layout: FloatLayout, shift: int) -> FloatLayout:
+    """The layout of ``v >> shift`` for values whose ``shift`` lowest mantissa bits are zero.
+
+    Such values come from a narrower float (f32 upcast from bf16 has 16 zero bits, f16 cast
+    from bf16 has 3): dropping the zeros leaves a float of ``bits - shift`` bits with the same
+    exponent and ``man_bits - shift`` mantissa bits, which the same kernels code.
+    """
+    return FloatLayout(f"{layout.name}>>{shift}", layout.bits - shift, layout.exp_bits, layout.man_bits - shift)
+
+
+def narrow_shift(layout: FloatLayout, zero_bits: int) -> int:
+    """The largest usable shift ``<= zero_bits`` (0 when none pays).
+
+    A narrowed layout must keep every block symbol in a byte (``exp_bits + rem_bits <= 8``),
+    so an f32 drops 8 or 16 bits, never 13 (an f16 upcast to f32): 16 - 3 raw bits would not fit.
+    """
+    for shift in range(min(zero_bits, layout.man_bits), 0, -1):
+        if layout.exp_bits + narrowed(layout, shift).rem_bits <= 8:
+            return shift
+    return 0
 
 
 def split(values: np.ndarray, layout: FloatLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

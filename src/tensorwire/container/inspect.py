@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from ..codec.blocks import MODE_HUFFMAN, MODE_LANES, MODE_RAW
+from ..codec.blocks import MODE_HUFFMAN, MODE_LANES, MODE_NARROW, MODE_RAW
 from .reader import TwzFile
 
 __all__ = ["describe"]
 
-MODE_NAMES = {MODE_RAW: "stored", MODE_LANES: "lanes", MODE_HUFFMAN: "huffman"}
+MODE_NAMES = {MODE_RAW: "stored", MODE_LANES: "lanes", MODE_HUFFMAN: "huffman", MODE_NARROW: "narrow"}
 
 
 def describe(path: str | os.PathLike[str], modes: bool = True) -> dict[str, Any]:

@@ -25,6 +25,7 @@ __all__ = [
     "MAGIC",
     "END_MAGIC",
     "VERSION",
+    "READABLE_VERSIONS",
     "PREAMBLE",
     "FOOTER",
     "ChunkRef",
@@ -37,7 +38,8 @@ __all__ = [
 
 MAGIC = b"\x89TWZ\r\n\x1a\n"
 END_MAGIC = b"TWZ-END\n"
-VERSION = 1
+VERSION = 2  # what this build writes; 2 added chunk mode 3 (narrow)
+READABLE_VERSIONS = (1, 2)
 PREAMBLE = struct.Struct("<8sHHI")
 FOOTER = struct.Struct("<QQQQ8s")
 MAX_NDIM = 64
@@ -111,9 +113,9 @@ def parse_preamble(data: bytes) -> None:
     if len(data) < PREAMBLE.size:
         raise Truncated(f"file has {len(data)} bytes, fewer than the {PREAMBLE.size}-byte preamble")
     _, version, flags, reserved = PREAMBLE.unpack(data[: PREAMBLE.size])
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise UnsupportedVersion(
-            f"file format version {version}; this build reads version {VERSION}: upgrade tensorwire"
+            f"file format version {version}; this build reads versions {READABLE_VERSIONS}: upgrade tensorwire"
         )
     if flags or reserved:
         raise CorruptData(f"reserved preamble fields are flags={flags}, reserved={reserved}; expected 0")
@@ -158,8 +160,8 @@ def parse_index(raw: bytes, index_offset: int) -> Index:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptData(f"index is not valid UTF-8 JSON ({exc}); the file is corrupt") from None
     _expect(isinstance(doc, dict) and doc.get("format") == "tensorwire", "no 'format': 'tensorwire' field")
-    if doc.get("version") != VERSION:
-        raise UnsupportedVersion(f"index version {doc.get('version')!r}; this build reads {VERSION}: upgrade tensorwire")
+    if doc.get("version") not in READABLE_VERSIONS:
+        raise UnsupportedVersion(f"index version {doc.get('version')!r}; this build reads {READABLE_VERSIONS}: upgrade tensorwire")
     metadata = doc.get("metadata") or {}
     _expect(isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()),
             "metadata must map strings to strings")  # fmt: skip

@@ -22,7 +22,7 @@ would not make it smaller, so on tiny planes ``raw`` packing is smaller.
 Stream layout (little-endian; dtype, shape and bits come from the caller)::
 
     u32 size[ceil(n / 2**20)]     bytes of each chunk stream
-    chunk stream 0 | 1 | ...      codec/chunks.py streams; chunk i holds values [i*2**20, min(n, (i+1)*2**20))
+    chunk stream 0 | 1 | ...      codec/chunks.py streams of modes 0-2; chunk i holds values [i*2**20, min(n, (i+1)*2**20))
 
 Chunks of at most 2**20 values bound the codec's scratch memory and keep a chunk's byte
 count within a u32 (4 MiB of float32). Chunk streams carry their own mode byte and are
@@ -92,7 +92,8 @@ class Enec(ArrayEncoder):
             check_codes(values, plane.bits)
         dtype_name = name or CODE_LAYOUT
         streams = [
-            encode_chunk(values[i : i + CHUNK_VALUES], dtype_name, self.level)
+            # No mode 3 (weight format version 2): KV payload version 1 readers know modes 0-2.
+            encode_chunk(values[i : i + CHUNK_VALUES], dtype_name, self.level, narrow=False)
             for i in range(0, values.size, CHUNK_VALUES)
         ]
         table = np.array([s.size for s in streams], dtype=_SIZE)
