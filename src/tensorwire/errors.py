@@ -354,11 +354,14 @@ class ShapingUnavailable(TensorwireError, RuntimeError):
 # The one extra that brings each optional top-level package (pyproject.toml's
 # optional-dependencies); torch is in several extras, and "hf" is the smallest that has it.
 EXTRAS: dict[str, str] = {
+    "fsspec": "remote",
+    "aiohttp": "remote",
+    "s3fs": "remote",
     "torch": "hf",
     "safetensors": "hf",
     "transformers": "hf",
     "gguf": "kv",
-    "accelerate": "kv",
+    "accelerate": "hf",
     "zstandard": "kv",
     "lz4": "kv",
     "constriction": "kv",

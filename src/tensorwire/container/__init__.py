@@ -43,15 +43,17 @@ def save_file(
         writer.finish(metadata)
 
 
-def load_file(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Any]:
-    """Decompress every tensor of a .twz file into torch tensors on ``device``.
+def load_file(path: str | os.PathLike[str], device: str = "cpu", **source: Any) -> dict[str, Any]:
+    """Decompress every tensor of a .twz file (or URL) into torch tensors on ``device``.
 
-    The twin of ``safetensors.torch.load_file``.
+    The twin of ``safetensors.torch.load_file``. Each tensor is decoded chunk by chunk into
+    its own memory while the next chunk is read. ``source``: ``read_rate``,
+    ``storage_options`` (see :class:`TwzFile`).
     """
-    with TwzFile(path) as f:
+    with TwzFile(path, **source) as f:
         return {name: f.get_tensor(name, device=device) for name in f.keys()}
 
 
-def open(path: str | os.PathLike[str]) -> TwzFile:  # noqa: A001 - mirrors safetensors.safe_open
-    """Open a .twz file for lazy access: ``keys()``, ``metadata()``, ``get_tensor(name)``."""
-    return TwzFile(path)
+def open(path: str | os.PathLike[str], **source: Any) -> TwzFile:  # noqa: A001 - mirrors safetensors.safe_open
+    """Open a .twz file or URL for lazy access: ``keys()``, ``metadata()``, ``get_tensor(name)``."""
+    return TwzFile(path, **source)

@@ -24,8 +24,8 @@ def describe(path: str | os.PathLike[str], modes: bool = True) -> dict[str, Any]
             chunk_modes: Counter[str] = Counter()
             if modes:
                 for chunk in entry.chunks:
-                    first = os.pread(f._file.fileno(), 1, chunk.offset)
-                    chunk_modes[MODE_NAMES.get(first[0], f"unknown({first[0]})") if first else "missing"] += 1
+                    mode = f.read_range(chunk.offset, 1)[0]
+                    chunk_modes[MODE_NAMES.get(mode, f"unknown({mode})")] += 1
             tensors.append(
                 {
                     "name": entry.name,

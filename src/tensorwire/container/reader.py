@@ -1,15 +1,20 @@
-"""Validating, lazy reader of .twz containers.
+"""Validating, lazy reader of .twz containers, local or remote.
 
 Opening reads only the preamble, footer and index; tensors are decoded on request, chunk
 by chunk, straight into the output buffer. Every chunk's checksum is verified before it
 is decoded. Nothing in a file is ever executed.
+
+Reading and decoding overlap: while chunk ``i`` is decoded (numba kernels, GIL released),
+a reader thread fetches chunk ``i + 1`` into the other of two buffers. Memory is the
+output plus two compressed chunks, whatever the tensor's size. The bytes come from a
+:mod:`~tensorwire.container.source`: a local file, or a URL read by range requests.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,6 +25,7 @@ from ..codec.frame import checksum
 from ..codec.planes import DTYPE_ITEMSIZE
 from ..errors import ChecksumMismatch, Truncated, require
 from .layout import FOOTER, PREAMBLE, ChunkRef, Index, TensorEntry, check_not_empty_file, parse_footer, parse_index, parse_preamble
+from .source import ByteSource, open_source
 
 __all__ = ["TwzFile"]
 
@@ -34,16 +40,23 @@ class TwzFile:
     ...         tensor = f.get_tensor(name)
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self._file = open(self.path, "rb")
+    def __init__(self, path: str | os.PathLike[str], *, read_rate: float | None = None,
+                 storage_options: dict[str, Any] | None = None):  # fmt: skip
+        """Open ``path``: a file, or a URL (``https://...``, ``s3://...``; extra ``remote``).
+
+        ``read_rate`` (bytes/s) paces every read (a slow disk or link, emulated);
+        ``storage_options`` go to fsspec for a URL (credentials, headers).
+        """
+        self.path = path
+        self._source: ByteSource = open_source(path, read_rate, storage_options)
+        self._reader: ThreadPoolExecutor | None = None
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            self.size = self._source.size
             check_not_empty_file(self.size)
-            parse_preamble(self._pread(0, min(PREAMBLE.size, self.size)))
-            footer = self._pread(self.size - FOOTER.size, FOOTER.size) if self.size >= FOOTER.size else b""
+            parse_preamble(self.read_range(0, min(PREAMBLE.size, self.size)))
+            footer = self.read_range(self.size - FOOTER.size, FOOTER.size) if self.size >= FOOTER.size else b""
             offset, length, digest = parse_footer(footer, self.size)
-            raw = self._pread(offset, length)
+            raw = self.read_range(offset, length)
             if checksum(raw) != digest:
                 raise ChecksumMismatch(
                     f"index checksum is {checksum(raw):016x}, footer says {digest:016x}: the file was altered "
@@ -51,9 +64,9 @@ class TwzFile:
                 )
             self.index: Index = parse_index(raw, offset)
             self._by_name = {t.name: t for t in self.index.tensors}
-            self._buffer = np.empty(0, dtype=np.uint8)
+            self._buffers = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]
         except BaseException:
-            self._file.close()
+            self._source.close()
             raise
 
     # -- context manager -------------------------------------------------------------------
@@ -64,7 +77,10 @@ class TwzFile:
         self.close()
 
     def close(self) -> None:
-        self._file.close()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
+        self._source.close()
 
     # -- safetensors-like API --------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -87,8 +103,8 @@ class TwzFile:
         elif out.shape != entry.shape or out.dtype != numpy_dtype(entry.dtype) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {entry.dtype} array of shape {entry.shape}")
         flat = out.reshape(-1).view(np.uint8)
-        for i, chunk, span in self._chunk_spans(entry):
-            decode_chunk(self.read_chunk(entry, i), entry.dtype, chunk.values, flat[span])
+        for (i, chunk, span), stream in zip(self._chunk_spans(entry), self._streams(entry)):
+            decode_chunk(stream, entry.dtype, chunk.values, flat[span])
         return out
 
     @staticmethod
@@ -107,20 +123,42 @@ class TwzFile:
         """
         itemsize = DTYPE_ITEMSIZE[entry.dtype]
         out = np.empty(max((c.values for c in entry.chunks), default=0) * itemsize, dtype=np.uint8)
-        for i, chunk, span in self._chunk_spans(entry):
+        for (i, chunk, span), stream in zip(self._chunk_spans(entry), self._streams(entry)):
             nbytes = span.stop - span.start
-            decode_chunk(self.read_chunk(entry, i), entry.dtype, chunk.values, out[:nbytes])
+            decode_chunk(stream, entry.dtype, chunk.values, out[:nbytes])
             yield span.start, out[:nbytes]
+
+    def _streams(self, entry: TensorEntry) -> Iterator[np.ndarray]:
+        """Every chunk's verified stream, in order; chunk ``i + 1`` is read while ``i`` is in use.
+
+        A yielded stream stays valid until the next one is asked for (two buffers alternate).
+        """
+        if not entry.chunks:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="twz-read")
+        pending: Future = self._reader.submit(self._read_verified, entry, 0, 0)
+        try:
+            for i in range(len(entry.chunks)):
+                stream = pending.result()
+                if i + 1 < len(entry.chunks):
+                    pending = self._reader.submit(self._read_verified, entry, i + 1, (i + 1) % 2)
+                yield stream
+        finally:
+            pending.cancel()  # a read-ahead nobody will use: dropped if it has not started
 
     def read_chunk(self, entry: TensorEntry, i: int) -> np.ndarray:
         """The stream of chunk ``i`` of a tensor, read into a reused buffer and checksum-verified."""
+        return self._read_verified(entry, i, 0)
+
+    def _read_verified(self, entry: TensorEntry, i: int, slot: int) -> np.ndarray:
         chunk = entry.chunks[i]
-        if self._buffer.size < chunk.size:
-            self._buffer = np.empty(chunk.size, dtype=np.uint8)
-        view = self._buffer[: chunk.size]
-        got = self._file.readinto(memoryview(view)) if self._file.seek(chunk.offset) == chunk.offset else 0
-        if got != chunk.size:
+        if chunk.offset + chunk.size > self.size:
             raise Truncated(f"chunk {i} of {entry.name!r} ends past the end of the file; it is truncated")
+        if self._buffers[slot].size < chunk.size:
+            self._buffers[slot] = np.empty(chunk.size, dtype=np.uint8)
+        view = self._buffers[slot][: chunk.size]
+        self._source.read_into(chunk.offset, memoryview(view))
         digest = checksum(view)
         if digest != chunk.checksum:
             raise ChecksumMismatch(
@@ -154,12 +192,10 @@ class TwzFile:
         entry = self.entry(name)
         out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype), device=device)
         flat = out.reshape(-1).view(torch.uint8)
-        for i, chunk, span in self._chunk_spans(entry):
-            decode_chunk_device(self.read_chunk(entry, i), entry.dtype, chunk.values, flat[span])
+        for (i, chunk, span), stream in zip(self._chunk_spans(entry), self._streams(entry)):
+            decode_chunk_device(stream, entry.dtype, chunk.values, flat[span])
         return out
 
-    def _pread(self, offset: int, size: int) -> bytes:
-        data = os.pread(self._file.fileno(), size, offset)
-        if len(data) != size:
-            raise Truncated(f"wanted {size} bytes at {offset} of {self.path}, got {len(data)}; the file is truncated")
-        return data
+    def read_range(self, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of the file (one range request for a URL)."""
+        return self._source.read(offset, size)
