@@ -56,15 +56,16 @@ def child(model: str, variant: str, rate: str, folder: str) -> None:
 
     from tensorwire.container.source import open_source
     from tensorwire.integrations.transformers import from_pretrained
+    from tensorwire.serve.transport.shaping import TokenBucket
 
     torch.set_num_threads(1)
-    read_rate = None if rate == "local" else float(rate) * 1e9 / 8
+    pacer = None if rate == "local" else TokenBucket(float(rate) * 1e9 / 8)
     auto = "AutoModelForCausalLM" if model == "smollm2" else "AutoModel"
     imported = time.time()
     if variant == "raw":
         from safetensors.torch import load as load_bytes
 
-        source = open_source(Path(folder) / "model.safetensors", rate=read_rate)
+        source = open_source(Path(folder) / "model.safetensors", pacer)
         data = source.read(0, source.size)
         state = load_bytes(data)
         del data
@@ -75,7 +76,7 @@ def child(model: str, variant: str, rate: str, folder: str) -> None:
         net.tie_weights()
         net.eval()
     else:
-        net = from_pretrained(folder, auto, read_rate=read_rate)
+        net = from_pretrained(folder, auto, pacer=pacer)
     loaded = time.time()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids

@@ -80,13 +80,16 @@ def test_missing_remote_file_is_a_clear_error(model):
         TwzFile(server.url("nope.twz"))
 
 
-def test_read_rate_paces_the_reads(model):
+def test_a_token_bucket_paces_the_reads(model):
+    from tensorwire.serve.transport.shaping import TokenBucket
+
     folder, tensors = model
     with TwzFile(folder / "m.twz") as f:
         compressed = sum(c.size for c in f.entry("big").chunks)
     rate = 4e6  # bytes/s: about 0.1 s for this tensor, beyond the bucket's initial credit
-    with TwzFile(folder / "m.twz", read_rate=rate) as f:
-        burst = f._source._bucket.burst
+    bucket = TokenBucket(rate)
+    with TwzFile(folder / "m.twz", pacer=bucket) as f:
+        burst = bucket.burst
         began = time.perf_counter()
         assert f.get_numpy("big").tobytes() == tensors["big"].tobytes()
         elapsed = time.perf_counter() - began

@@ -47,7 +47,7 @@ def load_file(path: str | os.PathLike[str], device: str = "cpu", **source: Any) 
     """Decompress every tensor of a .twz file (or URL) into torch tensors on ``device``.
 
     The twin of ``safetensors.torch.load_file``. Each tensor is decoded chunk by chunk into
-    its own memory while the next chunk is read. ``source``: ``read_rate``,
+    its own memory while the next chunk is read. ``source``: ``pacer``,
     ``storage_options`` (see :class:`TwzFile`).
     """
     with TwzFile(path, **source) as f:

@@ -25,7 +25,7 @@ from ..codec.frame import checksum
 from ..codec.planes import DTYPE_ITEMSIZE
 from ..errors import ChecksumMismatch, Truncated, require
 from .layout import FOOTER, PREAMBLE, ChunkRef, Index, TensorEntry, check_not_empty_file, parse_footer, parse_index, parse_preamble
-from .source import ByteSource, open_source
+from .source import ByteSource, Pacer, open_source
 
 __all__ = ["TwzFile"]
 
@@ -40,15 +40,16 @@ class TwzFile:
     ...         tensor = f.get_tensor(name)
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, read_rate: float | None = None,
+    def __init__(self, path: str | os.PathLike[str], *, pacer: Pacer | None = None,
                  storage_options: dict[str, Any] | None = None):  # fmt: skip
         """Open ``path``: a file, or a URL (``https://...``, ``s3://...``; extra ``remote``).
 
-        ``read_rate`` (bytes/s) paces every read (a slow disk or link, emulated);
+        ``pacer`` paces every read (a slow disk or link, emulated; e.g. the transport's
+        ``TokenBucket``);
         ``storage_options`` go to fsspec for a URL (credentials, headers).
         """
         self.path = path
-        self._source: ByteSource = open_source(path, read_rate, storage_options)
+        self._source: ByteSource = open_source(path, pacer, storage_options)
         self._reader: ThreadPoolExecutor | None = None
         try:
             self.size = self._source.size

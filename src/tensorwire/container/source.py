@@ -5,9 +5,11 @@ one chunk at a time. A local file answers with ``pread``; a remote one (``http:/
 ``https://``, ``s3://`` with s3fs, any fsspec protocol) with one range request per chunk,
 so a reader that wants one tensor moves that tensor's compressed bytes and nothing else.
 
-``rate`` (bytes/s) paces every read through the serving transport's token bucket
-(:class:`~tensorwire.serve.transport.shaping.TokenBucket`): a slow disk or a slow link to
-object storage, emulated on the read path the way the serving link is on the wire.
+A ``pacer`` paces every read: any object with ``take(nbytes) -> seconds to wait`` and a
+``chunk`` size in bytes, such as the serving transport's token bucket
+(:class:`~tensorwire.serve.transport.shaping.TokenBucket`, passed in by the caller: the
+container layer sits below serving). That emulates a slow disk or a slow link to object
+storage on the read path, the way the serving link is emulated on the wire.
 """
 
 from __future__ import annotations
@@ -15,11 +17,19 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import Truncated, require
 
-__all__ = ["ByteSource", "LocalSource", "RemoteSource", "open_source", "is_url"]
+__all__ = ["ByteSource", "LocalSource", "Pacer", "RemoteSource", "open_source", "is_url"]
+
+
+class Pacer(Protocol):
+    """What paces reads: credit for ``nbytes`` (returns the seconds to wait), in pieces of ``chunk``."""
+
+    chunk: int
+
+    def take(self, nbytes: int) -> float: ...
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
@@ -34,20 +44,16 @@ class ByteSource:
     name: str
     size: int
 
-    def __init__(self, rate: float | None = None):
-        self._bucket = None
-        if rate is not None:
-            from ..serve.transport.shaping import TokenBucket
-
-            self._bucket = TokenBucket(rate)
+    def __init__(self, pacer: Pacer | None = None):
+        self.pacer = pacer
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the bytes at ``offset``; :class:`Truncated` if the source ends first."""
-        step = self._bucket.chunk if self._bucket is not None else len(view)
+        step = self.pacer.chunk if self.pacer is not None else len(view)
         for at in range(0, len(view), max(step, 1)):
             piece = view[at : at + step]
-            if self._bucket is not None:
-                wait = self._bucket.take(len(piece))
+            if self.pacer is not None:
+                wait = self.pacer.take(len(piece))
                 if wait > 0:
                     time.sleep(wait)
             got = self._read_into(offset + at, piece)
@@ -72,8 +78,8 @@ class ByteSource:
 class LocalSource(ByteSource):
     """A local file, read with ``os.preadv`` (no shared file position: readers may run in threads)."""
 
-    def __init__(self, path: str | os.PathLike[str], rate: float | None = None):
-        super().__init__(rate)
+    def __init__(self, path: str | os.PathLike[str], pacer: Pacer | None = None):
+        super().__init__(pacer)
         self.name = str(path)
         self._fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self._fd).st_size
@@ -96,8 +102,8 @@ class LocalSource(ByteSource):
 class RemoteSource(ByteSource):
     """An object behind an fsspec URL; each read is one range request (``fs.cat_file``)."""
 
-    def __init__(self, url: str, rate: float | None = None, storage_options: dict[str, Any] | None = None):
-        super().__init__(rate)
+    def __init__(self, url: str, pacer: Pacer | None = None, storage_options: dict[str, Any] | None = None):
+        super().__init__(pacer)
         fsspec = require("fsspec")
         self.name = url
         self._fs, self._path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -111,9 +117,9 @@ class RemoteSource(ByteSource):
         return len(data)
 
 
-def open_source(path: str | os.PathLike[str], rate: float | None = None, storage_options: dict[str, Any] | None = None) -> ByteSource:
+def open_source(path: str | os.PathLike[str], pacer: Pacer | None = None, storage_options: dict[str, Any] | None = None) -> ByteSource:
     """A :class:`RemoteSource` for a URL, else a :class:`LocalSource` (``file://`` stripped)."""
     if is_url(path):
-        return RemoteSource(os.fspath(path), rate, storage_options)
+        return RemoteSource(os.fspath(path), pacer, storage_options)
     text = os.fspath(path)
-    return LocalSource(Path(text[len("file://") :] if text.startswith("file://") else text), rate)
+    return LocalSource(Path(text[len("file://") :] if text.startswith("file://") else text), pacer)

@@ -15,7 +15,7 @@ __all__ = ["load_state_dict", "from_pretrained"]
 def load_state_dict(folder: str | os.PathLike[str], device: str = "cpu", **source: Any) -> dict[str, Any]:
     """All tensors of every ``*.twz`` shard in ``folder``, decoded to ``device``.
 
-    ``source``: ``read_rate`` (bytes/s, an emulated slow read path) for :class:`TwzFile`.
+    ``source``: ``pacer`` (an emulated slow read path) for :class:`TwzFile`.
     """
     shards = sorted(Path(folder).glob("*.twz"))
     if not shards:
@@ -27,14 +27,14 @@ def load_state_dict(folder: str | os.PathLike[str], device: str = "cpu", **sourc
 
 
 def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel", device: str = "cpu",
-                    read_rate: float | None = None, **config_kwargs: Any):  # fmt: skip
+                    pacer: Any = None, **config_kwargs: Any):  # fmt: skip
     """Build ``transformers.<auto_class>`` from ``folder``'s config and load its .twz weights.
 
     With ``device="cuda"`` the compressed chunks are decoded on the accelerator. The model
     is built without weights (accelerate's ``init_empty_weights``: parameters on the meta
     device, buffers real) and the decoded tensors *become* its parameters
     (``load_state_dict(assign=True)``): one copy of the weights in memory, never two, and
-    no random initialisation. ``read_rate`` paces the reads (bytes/s).
+    no random initialisation. ``pacer`` paces the reads (see :class:`TwzFile`).
 
     Tied weights (e.g. ``lm_head`` sharing the embedding) may be absent from the shards, as
     in safetensors checkpoints; any other missing or unexpected key is an error.
@@ -45,7 +45,7 @@ def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel
     """
     transformers = require("transformers")
     config = transformers.AutoConfig.from_pretrained(folder, **config_kwargs)
-    state = load_state_dict(folder, device=device, read_rate=read_rate)
+    state = load_state_dict(folder, device=device, pacer=pacer)
     # Build the model in the checkpoint's float dtype, as transformers' own loader does.
     float_dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
     dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else None
