@@ -98,3 +98,25 @@ def test_prefill_after_a_stored_prefix_continues_at_the_right_positions(engine):
     assert engine.prefill(ids, prefix=whole) is whole  # nothing left to run
     with pytest.raises(EvaluationError, match="longer than"):
         engine.prefill(ids[:100], prefix=prefix)
+
+
+def test_a_compressed_model_folder_serves_the_same_tokens(smollm2, tmp_path):
+    """Engine.load on a .twz folder (decoded while read) and on the safetensors folder it came from."""
+    torch = pytest.importorskip("torch")
+    from tensorwire.integrations.safetensors import compress_folder
+
+    model, tokenizer = smollm2
+    raw = tmp_path / "raw"
+    # bf16, what serving usually ships; the session's fp32 model itself stays untouched
+    model.save_pretrained(raw, state_dict={k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    tokenizer.save_pretrained(raw)
+    compress_folder(raw, tmp_path / "twz", level="fast")
+    assert not list((tmp_path / "twz").glob("*.safetensors"))
+    ids = tokenizer(PROMPT).input_ids
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    answers = []
+    for folder in (raw, tmp_path / "twz"):
+        engine = Engine.load(folder)
+        assert next(engine.model.parameters()).dtype == torch.float32
+        answers.append(list(engine.generate(engine.prefill(ids), ids[-1], greedy)))
+    assert answers[0] == answers[1] and len(answers[0]) >= 1

@@ -86,7 +86,10 @@ def _lz4(dtype: str, threads: int) -> tuple[Encode, Decode]:
     return (lambda a: lz4.frame.compress(a.view(np.uint8))), lz4.frame.decompress
 
 
-ZIPNN_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+ZIPNN_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+# fp8 checkpoints are made by scaling each tensor so that its largest magnitude lands on the
+# format's largest finite value (per-tensor absmax scaling, as fp8 quantizers do), then casting.
+FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 
 
 def _zipnn(dtype: str, threads: int) -> tuple[Encode, Decode]:
@@ -217,8 +220,23 @@ def load_floats(path: Path, max_values: int | None = None) -> tuple[np.ndarray, 
         "tensors": len(parts),
         "source_dtypes": sorted({info["dtype"] for _, info in tensors[: len(parts)]}),
         "max_values": max_values,
+        "tensor_values": [int(p.size) for p in parts],
     }
     return np.concatenate(parts), meta
+
+
+def cast_values(floats: np.ndarray, dtype: str, tensor_values: Sequence[int]) -> np.ndarray:
+    """``floats`` in ``dtype``; fp8 per tensor as quantizers make it (:data:`FP8_MAX`)."""
+    if dtype not in FP8_MAX:
+        return floats.astype(numpy_dtype(dtype))
+    out = np.empty(floats.size, dtype=numpy_dtype(dtype))
+    at = 0
+    for n in tensor_values:
+        part = floats[at : at + n]
+        amax = float(np.abs(part).max()) if n else 0.0
+        out[at : at + n] = (part * (FP8_MAX[dtype] / amax if amax > 0 else 1.0)).astype(out.dtype)
+        at += n
+    return out
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -385,8 +403,9 @@ def run(
             progress(f"loading {path}")
             floats, meta = load_floats(path, max_values)
             floats = floats.astype(numpy_dtype(via)).astype(np.float32)
+            sizes = meta.pop("tensor_values")
             for dtype in dtypes:
-                data = floats.astype(numpy_dtype(dtype))
+                data = cast_values(floats, dtype, sizes)
                 progress(f"{path.name} as {dtype}: {data.size:,} values, {data.nbytes / 1e6:.1f} MB")
                 rows = _measure(data, dtype, codec_names, tuple(threads), repeats, unavailable, progress)
                 for name in bound_names:
@@ -396,7 +415,7 @@ def run(
                     r["ratio_vs_tensorwire_fast"] = r["ratio"] / ref if ref else None
                 datasets.append({
                     "id": {**meta, "name": "/".join(path.parts[-3:]), "dtype": dtype,
-                           "cast_via": via, "elements": int(data.size), "bytes": int(data.nbytes)},
+                           "cast_via": via, "fp8_scaling": "per-tensor absmax" if dtype in FP8_MAX else None, "elements": int(data.size), "bytes": int(data.nbytes)},
                     "results": rows,
                 })  # fmt: skip
     finally:

@@ -22,9 +22,11 @@ Example
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import EvaluationError, require
@@ -121,10 +123,26 @@ class Engine:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls) -> Engine:
-        """The offline SmolLM2-135M-Instruct (float32 on CPU)."""
-        model, tokenizer = load_smollm2()
-        return cls(model, tokenizer)
+    def load(cls, folder: str | os.PathLike[str] | None = None) -> Engine:
+        """A causal LM from a model folder, float32 on CPU (default: the offline SmolLM2-135M-Instruct).
+
+        A folder of ``*.twz`` shards (``tensorwire compress``) is decoded by
+        :func:`tensorwire.integrations.transformers.from_pretrained`: chunk by chunk while
+        the next is read, into the parameters' own memory; any other folder goes to
+        transformers. The tokenizer comes from the folder.
+        """
+        if folder is None:
+            model, tokenizer = load_smollm2()
+            return cls(model, tokenizer)
+        transformers = require("transformers")
+        torch = require("torch")
+        if any(Path(folder).glob("*.twz")):
+            from ..integrations.transformers import from_pretrained
+
+            model = from_pretrained(folder, "AutoModelForCausalLM").float()
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return cls(model, transformers.AutoTokenizer.from_pretrained(folder), name=Path(folder).name)
 
     @property
     def expect(self) -> dict[str, int]:

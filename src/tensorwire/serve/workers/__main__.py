@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-file", help="shared secret (default: $TENSORWIRE_SECRET)")
     p.add_argument("--netns", help="the network namespace of the shaped link (tbf): KV sockets are made in it")
     p.add_argument("--drain-s", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--model-folder", help="a transformers model folder, compressed (*.twz, decoded while read) or "
+                                          "not (default: the offline SmolLM2-135M-Instruct)")
     p.add_argument("--library", help="profile library JSON (default: the shipped SmolLM2 library); a decode "
                                      "worker warms its decoders with it")  # fmt: skip
     p.add_argument("--allow-other-library", action="store_true",
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("a prefill worker needs at least one --decode HOST:PORT")
     logging.basicConfig(level=os.environ.get("TENSORWIRE_LOG", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s {args.role}[%(process)d] %(levelname)s %(message)s")  # fmt: skip
-    engine = Engine.load()
+    engine = Engine.load(args.model_folder)
     engine.warm_up()
     handler = (_prefill if args.role == "prefill" else _decode)(args, engine)
 
