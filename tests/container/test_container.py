@@ -235,3 +235,19 @@ def test_fuzz_reader_raises_only_tensorwire_errors(tmp_path_factory, data):
         return
     expected = tensorwire.load_file(base)
     assert all(torch.equal(loaded[k].view(torch.uint8), expected[k].view(torch.uint8)) for k in expected)
+
+
+def test_loading_bf16_into_torch_does_not_import_ml_dtypes(tmp_path):
+    """ml_dtypes' extension takes ~0.6 s to import: a cold start that only wants torch tensors skips it."""
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    tensorwire.save_file({"w": torch.arange(256, dtype=torch.float32).to(torch.bfloat16)}, tmp_path / "m.twz")
+    code = (
+        "import sys, tensorwire\n"
+        f"t = tensorwire.load_file({str(tmp_path / 'm.twz')!r})['w']\n"
+        "assert t.float().tolist() == [float(i) for i in range(256)], t\n"
+        "assert 'ml_dtypes' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

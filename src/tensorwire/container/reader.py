@@ -103,10 +103,13 @@ class TwzFile:
             out = np.empty(entry.shape, dtype=numpy_dtype(entry.dtype))
         elif out.shape != entry.shape or out.dtype != numpy_dtype(entry.dtype) or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {entry.dtype} array of shape {entry.shape}")
-        flat = out.reshape(-1).view(np.uint8)
+        self._decode_into(entry, out.reshape(-1).view(np.uint8))
+        return out
+
+    def _decode_into(self, entry: TensorEntry, flat: np.ndarray) -> None:
+        """Decode every chunk of ``entry`` into ``flat``, the tensor's bytes (uint8)."""
         for (i, chunk, span), stream in zip(self._chunk_spans(entry), self._streams(entry)):
             decode_chunk(stream, entry.dtype, chunk.values, flat[span])
-        return out
 
     @staticmethod
     def _chunk_spans(entry: TensorEntry) -> Iterator[tuple[int, ChunkRef, slice]]:
@@ -174,10 +177,15 @@ class TwzFile:
         On an accelerator the compressed chunks are copied over and decoded there (Triton
         kernels, ``tensorwire[gpu]``), so only compressed bytes cross the host link.
         """
-        from ..codec.arrays import from_numpy
-
         if str(device) == "cpu" or str(device).startswith("cpu:"):
-            return from_numpy(self.get_numpy(name), device="cpu")
+            from ..codec.arrays import torch_dtype
+
+            torch = require("torch")
+            entry = self.entry(name)
+            out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+            if out.numel():  # decoded straight into the tensor's memory, through a byte view
+                self._decode_into(entry, out.view(-1).view(torch.uint8).numpy())
+            return out
         return self.decode_to_device(name, device)
 
     def decode_to_device(self, name: str, device):
