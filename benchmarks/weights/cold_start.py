@@ -10,8 +10,8 @@ fresh Python process is started, and the time until it has its first output is m
 * ``twz-fast`` / ``twz-max``: ``tensorwire.integrations.transformers.from_pretrained`` on the
   compressed folder: chunk ``i`` is decoded while chunk ``i + 1`` is read.
 
-Both build the model the same way (accelerate's ``init_empty_weights``, then
-``load_state_dict(assign=True)``), so the difference is bytes moved and decode time. First
+Both build the model the same way (``integrations.transformers.model_from_state``:
+accelerate's ``init_empty_weights``, then ``load_state_dict(assign=True)``), so the difference is bytes moved and decode time. First
 output: SmolLM2-135M-Instruct's first generated token for a short prompt; MiniLM's first
 sentence embedding. The read rate is a token bucket on the read path
 (:mod:`tensorwire.container.source`, the serving transport's bucket); ``local`` is the disk
@@ -52,10 +52,9 @@ def child(model: str, variant: str, rate: str, folder: str) -> None:
     began = float(os.environ["TW_COLD_START_T0"])
     import torch
     import transformers
-    from accelerate import init_empty_weights
 
     from tensorwire.container.source import open_source
-    from tensorwire.integrations.transformers import from_pretrained
+    from tensorwire.integrations.transformers import from_pretrained, model_from_state
     from tensorwire.serve.transport.shaping import TokenBucket
 
     torch.set_num_threads(1)
@@ -69,12 +68,7 @@ def child(model: str, variant: str, rate: str, folder: str) -> None:
         data = source.read(0, source.size)
         state = load_bytes(data)
         del data
-        config = transformers.AutoConfig.from_pretrained(folder)
-        with init_empty_weights(include_buffers=False):
-            net = getattr(transformers, auto).from_config(config, dtype=torch.bfloat16)
-        net.load_state_dict(state, strict=False, assign=True)
-        net.tie_weights()
-        net.eval()
+        net = model_from_state(folder, state, auto)
     else:
         net = from_pretrained(folder, auto, pacer=pacer)
     loaded = time.time()

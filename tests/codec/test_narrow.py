@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from tensorwire.codec import blocks
 from tensorwire.codec.chunks import decode_chunk, encode_chunk
-from tensorwire.codec.planes import LAYOUTS, narrow_shift, narrowed
+from tensorwire.codec.planes import LAYOUTS, narrow_shifts, narrowed
 from tensorwire.errors import CorruptData, FormatError, Truncated
 from tensorwire.testing.strategies import awkward_values, weight_like
 
-SHIFTS = {name: [s for s in range(1, layout.man_bits + 1) if narrow_shift(layout, s) == s] for name, layout in LAYOUTS.items()}
+SHIFTS = {name: list(narrow_shifts(layout)) for name, layout in LAYOUTS.items()}
 
 
 def upcast(name: str, n: int, seed: int = 0) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import CorruptData, FormatError, Truncated
 from . import blocks, entropy
-from .planes import DTYPE_ITEMSIZE, FloatLayout, layout_for, narrow_shift, narrowed
+from .planes import DTYPE_ITEMSIZE, FloatLayout, layout_for, narrow_shifts, narrowed
 
 __all__ = ["LEVELS", "encode_chunk", "decode_chunk", "encode_huffman", "decode_huffman", "Impl", "Level"]
 
@@ -73,7 +73,7 @@ def _encode_narrow(values: np.ndarray, layout: FloatLayout, level: Level, impl: 
     has 3 zero bits except in its subnormals, a few in ten thousand.
     """
     n = values.size
-    shifts = [s for s in range(1, layout.man_bits + 1) if narrow_shift(layout, s) == s]
+    shifts = narrow_shifts(layout)
     exception_bits = 32 + 8 * values.itemsize
     sample = values[::NARROW_SAMPLE_STRIDE]
     if not shifts or np.count_nonzero(sample[:1024] & ((1 << shifts[0]) - 1)) * exception_bits >= shifts[-1] * min(sample.size, 1024):
@@ -154,7 +154,7 @@ def _decode_narrow(buf: np.ndarray, layout: FloatLayout, n: int, values: np.ndar
     _, shift, r0, r1, count, n_exceptions = blocks.NARROW_HEADER.unpack_from(buf[:size].tobytes())
     if r0 or r1:
         raise CorruptData("reserved bytes of a narrow chunk are not zero; the chunk is corrupt")
-    if shift == 0 or narrow_shift(layout, shift) != shift:
+    if shift not in narrow_shifts(layout):
         raise CorruptData(f"a narrow {layout.name} chunk declares a shift of {shift} bits, which {layout.name} cannot use; the chunk is corrupt")
     if count != n:
         raise CorruptData(f"narrow chunk declares {count} values, the index expects {n}; the file is corrupt")

@@ -15,13 +15,14 @@ and -0.0 are just bit patterns and survive unchanged.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UnsupportedDType
 
-__all__ = ["FloatLayout", "LAYOUTS", "DTYPE_ITEMSIZE", "layout_for", "narrow_shift", "narrowed", "split", "merge"]
+__all__ = ["FloatLayout", "LAYOUTS", "DTYPE_ITEMSIZE", "layout_for", "narrow_shifts", "narrowed", "split", "merge"]
 
 
 @dataclass(frozen=True)
@@ -94,16 +95,14 @@ def narrowed(layout: FloatLayout, shift: int) -> FloatLayout:
     return FloatLayout(f"{layout.name}>>{shift}", layout.bits - shift, layout.exp_bits, layout.man_bits - shift)
 
 
-def narrow_shift(layout: FloatLayout, zero_bits: int) -> int:
-    """The largest usable shift ``<= zero_bits`` (0 when none pays).
+@functools.cache
+def narrow_shifts(layout: FloatLayout) -> tuple[int, ...]:
+    """The shifts a layout can be narrowed by, ascending (none for bf16).
 
     A narrowed layout must keep every block symbol in a byte (``exp_bits + rem_bits <= 8``),
     so an f32 drops 8 or 16 bits, never 13 (an f16 upcast to f32): 16 - 3 raw bits would not fit.
     """
-    for shift in range(min(zero_bits, layout.man_bits), 0, -1):
-        if layout.exp_bits + narrowed(layout, shift).rem_bits <= 8:
-            return shift
-    return 0
+    return tuple(s for s in range(1, layout.man_bits + 1) if layout.exp_bits + narrowed(layout, s).rem_bits <= 8)
 
 
 def split(values: np.ndarray, layout: FloatLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ from typing import Any
 from ..container import load_file
 from ..errors import FormatError, require
 
-__all__ = ["load_state_dict", "from_pretrained"]
+__all__ = ["load_state_dict", "from_pretrained", "model_from_state"]
 
 
 def load_state_dict(folder: str | os.PathLike[str], device: str = "cpu", **source: Any) -> dict[str, Any]:
@@ -43,9 +43,17 @@ def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel
     --------
     >>> model = from_pretrained("SmolLM2-twz", "AutoModelForCausalLM")  # doctest: +SKIP
     """
+    state = load_state_dict(folder, device=device, pacer=pacer)
+    return model_from_state(folder, state, auto_class, **config_kwargs).to(device)
+
+
+def model_from_state(folder: str | os.PathLike[str], state: dict[str, Any], auto_class: str = "AutoModel", **config_kwargs: Any):
+    """``transformers.<auto_class>`` from ``folder``'s config, its parameters *being* ``state``'s tensors.
+
+    See :func:`from_pretrained`; any state dict will do (e.g. ``safetensors.torch.load``'s).
+    """
     transformers = require("transformers")
     config = transformers.AutoConfig.from_pretrained(folder, **config_kwargs)
-    state = load_state_dict(folder, device=device, pacer=pacer)
     # Build the model in the checkpoint's float dtype, as transformers' own loader does.
     float_dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
     dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else None
@@ -67,4 +75,4 @@ def from_pretrained(folder: str | os.PathLike[str], auto_class: str = "AutoModel
         raise FormatError(
             f"weights in {folder} do not match {type(model).__name__}: missing {untied[:5]}, unexpected {list(unexpected)[:5]}"
         )
-    return model.to(device).eval()
+    return model.eval()
