@@ -62,6 +62,8 @@ class _Handler(SimpleHTTPRequestHandler):
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
+        with self.server.lock:
+            self.server.requests += 1
         with open(path, "rb") as f:
             f.seek(start)
             left = end - start
@@ -69,12 +71,11 @@ class _Handler(SimpleHTTPRequestHandler):
                 data = f.read(min(left, 1 << 20))
                 if not data:
                     break
-                self.wfile.write(data)
-                left -= len(data)
+                # Counted before the write: once a client holds the bytes, the count includes them.
                 with self.server.lock:
                     self.server.bytes_sent += len(data)
-        with self.server.lock:
-            self.server.requests += 1
+                self.wfile.write(data)
+                left -= len(data)
 
     def do_HEAD(self) -> None:  # noqa: N802
         path = Path(self.translate_path(self.path))
