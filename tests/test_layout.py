@@ -20,6 +20,7 @@ RANKS = {
     "sysinfo": 1,
     "models": 1,
     "data": 1,
+    "diagnose": 1,
     "codec": 2,
     "container": 3,
     "integrations": 4,

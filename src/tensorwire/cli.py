@@ -31,6 +31,7 @@ examples:
   tensorwire explain profiles.json --tokens 4096 --gbps 10 --slo-ms 100   # which KV pipeline, and why
   tensorwire simulate --library profiles.json      # controller vs baselines on bandwidth traces
   tensorwire profile --text wiki.txt --trials 60 --workers 2   # offline search -> profiles.json + Pareto plot
+  tensorwire diagnose run -- torchrun --nproc-per-node 4 train.py   # which rank makes a collective slow or hang
 """
 
 
@@ -170,6 +171,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               max_retrieval_drop=args.max_drop)  # fmt: skip
     serve_forever(config, http_host=args.host, http_port=args.port, defaults=defaults)
     return 0
+
+
+def _diagnose_settings(args: argparse.Namespace):
+    from .diagnose.analyzer import Settings
+
+    return Settings(hang_timeout_s=args.hang_timeout, crash_after_s=args.crash_after)
+
+
+def cmd_diagnose_run(args: argparse.Namespace) -> int:
+    from .diagnose.launch import run
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    result = run(cmd, settings=_diagnose_settings(args), out_dir=args.out, stop_on_fault=not args.no_stop)
+    print(result.text)
+    if result.files:
+        print(f"records: {result.files['records']}  report: {result.files['report']}")
+    return 1 if result.findings or result.returncode else 0
+
+
+def cmd_diagnose_analyze(args: argparse.Namespace) -> int:
+    from .diagnose.analyzer import analyze_records
+    from .diagnose.records import read_records
+    from .diagnose.report import report_json, report_text
+
+    header, records = read_records(args.records)
+    analyzer = analyze_records(records, _diagnose_settings(args), world=header.get("world"),
+                               final=not header.get("stopped", False))
+    print(report_text(analyzer, title=str(args.records)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report_json(analyzer, records_file=str(args.records)), indent=1))
+    return 1 if analyzer.findings else 0
+
+
+def cmd_diagnose_simulate(args: argparse.Namespace) -> int:
+    from .diagnose.faults import Fault
+    from .diagnose.simulate import simulate
+
+    settings = _diagnose_settings(args)
+    rows = []
+    for kind in args.kinds:
+        rank = args.ranks // 3
+        fault = None if kind == "clean" else Fault(kind, rank, args.onset, seconds=0.06 if kind != "slow_link" else 0.02,
+                                                   peer=(rank + 1) % args.ranks)
+        res = simulate(args.ranks, fault, steps=args.steps, settings=settings)
+        rows.append({"kind": kind, "ranks": args.ranks, "records": res.records, "simulated_s": round(res.simulated_s, 2),
+                     "analyze_s": round(res.analyze_s, 3),
+                     "right": res.right, "seconds_to_detect": res.seconds_to_detect,
+                     "named": [(f["kind"], f["ranks"]) for f in res.findings]})
+        print(f"{kind:10} {args.ranks} ranks, {res.records} records over {res.simulated_s:.1f} s of job: "
+              f"analyzed in {res.analyze_s:.2f} s, "
+              f"{'right' if res.right else 'WRONG'} {rows[-1]['named']}"
+              + (f", detected {res.seconds_to_detect:.2f} s after onset" if res.seconds_to_detect is not None else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["right"] for r in rows) else 1
 
 
 def cmd_pool(args: argparse.Namespace) -> int:
@@ -499,6 +555,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-shared", action="store_true", help="stored prefixes serve every tenant (default: per API key)")
     p.add_argument("--pool-gbps", type=float, default=None, help="shape the pool link to this rate (tbf, where allowed)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("diagnose", help="find the rank behind a slow or hung collective in a torch.distributed job")
+    diag = p.add_subparsers(dest="diagnose_cmd", required=True, metavar="ACTION")
+
+    def thresholds(q):
+        q.add_argument("--hang-timeout", type=float, default=10.0, help="seconds in a collective that make a hang (default 10)")
+        q.add_argument("--crash-after", type=float, default=2.0, help="seconds of silence that make a rank dead (default 2)")
+
+    q = diag.add_parser("run", help="run a job with the probe in every rank and the analyzer online: run -- torchrun ...")
+    q.add_argument("--out", default="out/diagnose", help="where records.jsonl and report.json go (default out/diagnose)")
+    q.add_argument("--no-stop", action="store_true", help="let a hung, crashed or desynced job run on (default: stop it)")
+    q.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the job's command, e.g. torchrun --nproc-per-node 4 train.py")
+    thresholds(q)
+    q.set_defaults(func=cmd_diagnose_run)
+    q = diag.add_parser("analyze", help="the same analysis from a saved records.jsonl")
+    q.add_argument("records", type=Path)
+    q.add_argument("--json", help="also write the report as JSON here")
+    thresholds(q)
+    q.set_defaults(func=cmd_diagnose_analyze)
+    q = diag.add_parser("simulate", help="the analyzer on synthetic records of a large job (default 4,000 ranks)")
+    q.add_argument("--ranks", type=int, default=4000)
+    q.add_argument("--steps", type=int, default=30)
+    q.add_argument("--onset", type=int, default=12)
+    q.add_argument("--kinds", nargs="+", default=["clean", "straggler", "slow_link", "hang", "crash", "desync"],
+                   choices=["clean", "straggler", "slow_link", "hang", "crash", "desync"])
+    q.add_argument("--json", help="write the rows as JSON here")
+    thresholds(q)
+    q.set_defaults(func=cmd_diagnose_simulate)
 
     p = sub.add_parser("pool", help="the KV pool's Redis: what it holds (stats), or empty it (clear)")
     pool = p.add_subparsers(dest="pool_cmd", required=True)

@@ -68,6 +68,8 @@ __all__ = [
     "TransportTimeout",
     "SecretError",
     "ShapingUnavailable",
+    "RecordFileError",
+    "DiagnoseError",
     "EXTRAS",
     "require",
 ]
@@ -348,6 +350,15 @@ class SecretError(TensorwireError, ValueError):
 
 class ShapingUnavailable(TensorwireError, RuntimeError):
     """Kernel link shaping (a network namespace with tc tbf) is not allowed here; the reason says why."""
+
+
+# -- diagnosis of collectives ------------------------------------------------------------------
+class RecordFileError(FormatError):
+    """A diagnosis record file is not one: wrong header, a line that is not a record, or cut short."""
+
+
+class DiagnoseError(TensorwireError, RuntimeError):
+    """The diagnosis launcher could not do its job (no job command, the aggregator could not start)."""
 
 
 # -- optional dependencies ---------------------------------------------------------------------------
