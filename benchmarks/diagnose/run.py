@@ -187,6 +187,48 @@ def analyze_fr(dumps: Path, world: int) -> dict | None:
     return {**found, "kind": None, "ranks": []}
 
 
+def rescore_tensorwire(fault: Fault | None, args, workdir: Path) -> dict:
+    """A finished scenario's result from its folder (report, records, the injector's line)."""
+    from tensorwire.diagnose.records import read_records
+
+    report = json.loads((workdir / "report.json").read_text())
+    onset = fault_line((workdir / "stderr.txt").read_text(errors="replace"))
+    _, records = read_records(workdir / "records.jsonl")
+    findings = report["findings"]
+    for f in findings:
+        if onset is not None:
+            f["seconds_from_onset"] = (f["detected_ns"] - onset["onset_ns"]) / 1e9
+            ref = fault.rank if fault.kind != "hang" else (fault.rank + 1) % args.world
+            f["steps_from_onset"] = steps_between(records, ref, onset["onset_ns"], f["detected_ns"])
+    stats = workdir / "stats.json"
+    return {"findings": findings, "onset": onset, "returncode": report["returncode"], "stopped": report["stopped"],
+            "wall_s": report["wall_s"], "step_s": json.loads(stats.read_text())["step_s"] if stats.exists() else None}
+
+
+def rescore_pytorch(fault: Fault | None, args, workdir: Path) -> dict:
+    """The baseline's verdict from its folder; its detection time is when the dumps were written
+    (the stderr lines were saved without their arrival times)."""
+    text = (workdir / "pytorch_stderr.txt").read_text(errors="replace")
+    onset = fault_line(text)
+    dumps = workdir / "fr"
+    files = sorted(dumps.glob("rank_*")) if dumps.exists() else []
+    when = max((f.stat().st_mtime_ns for f in files), default=None)
+    found = []
+    m = MB_RE.search(text)
+    if m:
+        ranks = sorted(int(x) for x in m.group(1).replace(",", " ").split())
+        found.append({"kind": "hang", "ranks": ranks, "by": "monitored_barrier", "detected_ns": when,
+                      "evidence": m.group(0)})
+    fr = analyze_fr(dumps, args.world)
+    if fr is not None:
+        fr["detected_ns"] = when
+        found.append(fr)
+    for f in found:
+        if onset is not None and f["detected_ns"] is not None:
+            f["seconds_from_onset"] = (f["detected_ns"] - onset["onset_ns"]) / 1e9
+    return {"findings": found, "onset": onset}
+
+
 def score(fault: Fault | None, res: dict) -> dict:
     named = [(f["kind"], tuple(sorted(f["ranks"]))) for f in res["findings"] if f.get("kind")]
     want = expected(fault)
@@ -231,12 +273,14 @@ def summarize(rows: list[dict], tool: str) -> dict:
 
 def overhead(args, workdir: Path) -> dict:
     """Median step time of clean runs with and without the probe, interleaved A B A B."""
+    workdir.mkdir(parents=True, exist_ok=True)
     with_probe, without = [], []
     for i in range(args.overhead_pairs):
         stats = workdir / f"overhead_{i}.json"
         subprocess.run(job_cmd(args.world, args.steps, "--stats", str(stats)), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         without.append(statistics.median(json.loads(stats.read_text())["step_s"][3:]))
+        (workdir / f"overhead_probe_{i}").mkdir(exist_ok=True)
         res = run_tensorwire(None, args, workdir / f"overhead_probe_{i}")
         with_probe.append(statistics.median(res["step_s"][3:]))
     ratios = [a / b - 1 for a, b in zip(with_probe, without)]
@@ -256,6 +300,8 @@ def main() -> int:
     p.add_argument("--step-s", type=float, default=0.12, help="the clean step time, for straggler severities")
     p.add_argument("--overhead-pairs", type=int, default=5)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the scenarios already run in --workdir (same seed and counts) instead of running them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tensorwire-diagnose-bench"))
     p.add_argument("--json", type=Path, default=HERE / "results" / "diagnose.json")
@@ -268,13 +314,14 @@ def main() -> int:
     rows = []
     for i, fault in enumerate(plan):
         workdir = args.workdir / f"{i:03d}"
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
+        if not args.rescore:
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
         row = {"i": i, "fault": None if fault is None else asdict(fault)}
-        res = run_tensorwire(fault, args, workdir)
+        res = rescore_tensorwire(fault, args, workdir) if args.rescore else run_tensorwire(fault, args, workdir)
         row["tensorwire_raw"], row["tensorwire"] = res, score(fault, res)
         if not args.no_baseline:
-            base = run_pytorch(fault, args, workdir)
+            base = rescore_pytorch(fault, args, workdir) if args.rescore else run_pytorch(fault, args, workdir)
             row["pytorch_raw"], row["pytorch"] = base, score(fault, base)
         rows.append(row)
         tw = row["tensorwire"]

@@ -144,7 +144,7 @@ def install_from_env(part: str = "all") -> Fault | None:
         return None
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from .probe import before_each_ddp_forward
 
     state = _installed.setdefault("state", {"step": 0, "announced": False})
 
@@ -190,14 +190,7 @@ def install_from_env(part: str = "all") -> Fault | None:
             once()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    init = DDP.__init__
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.register_forward_pre_hook(before_forward)
-
-    DDP.__init__ = __init__
+    before_each_ddp_forward(before_forward)
 
     if fault.kind == "desync":
         all_reduce = dist.all_reduce

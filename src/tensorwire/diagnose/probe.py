@@ -196,6 +196,9 @@ class Probe:
 
         host, _, port = self.addr.rpartition(":")
         try:
+            # A plain socket first: a dead aggregator is found in Python, not in TCPStore's C++
+            # retry loop (up to its whole timeout) on a thread that the job's exit may cut short
+            socket.create_connection((host, int(port)), timeout=self.connect_timeout_s).close()
             self._store = dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
                                         timeout=datetime.timedelta(seconds=self.connect_timeout_s))
         except Exception:  # noqa: BLE001 - unreachable, refused, timed out: try again later
@@ -330,6 +333,20 @@ def _traced_comm_hook(hook):
     return traced
 
 
+def before_each_ddp_forward(hook) -> None:
+    """Run ``hook(module, inputs)`` before every forward of each DDP module made from now on."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    init = DDP.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_forward_pre_hook(hook)
+
+    DDP.__init__ = __init__
+
+
 def _patch_ddp() -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -348,14 +365,7 @@ def _patch_ddp() -> None:
         if _probe is not None:
             _probe.mark_step()
 
-    init = DDP.__init__
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.register_forward_pre_hook(forward_pre_hook)
-
-    DDP.__init__ = __init__
+    before_each_ddp_forward(forward_pre_hook)
     DDP.register_comm_hook = register_comm_hook
     DDP.__tensorwire_traced__ = True
 
