@@ -40,7 +40,7 @@ FAULT_KINDS = ("straggler", "slow_link", "hang", "crash", "desync")
 
 @dataclass(frozen=True)
 class Settings:
-    """Thresholds of the analyzer; the defaults are the ones the benchmark measured."""
+    """Thresholds of the analyzer (the benchmark ran these, with a 5 s hang timeout)."""
 
     hang_timeout_s: float = 10.0
     crash_after_s: float = 2.0
