@@ -74,21 +74,9 @@ def run_tensorwire(fault: Fault | None, args, workdir: Path) -> dict:
     err_path = workdir / "stderr.txt"
     settings = Settings(hang_timeout_s=args.hang_timeout)
     with open(err_path, "w") as err:
-        result = run(job_cmd(args.world, args.steps, "--stats", str(stats)), settings=settings, out_dir=workdir,
-                     env=env, quiet=True, stdout=subprocess.DEVNULL, stderr=err, timeout_s=args.job_timeout)
-    onset = fault_line(err_path.read_text(errors="replace"))
-    from tensorwire.diagnose.records import read_records
-
-    _, records = read_records(workdir / "records.jsonl")
-    findings = [f.to_json() for f in result.findings]
-    for f in findings:
-        if onset is not None:
-            f["seconds_from_onset"] = (f["detected_ns"] - onset["onset_ns"]) / 1e9
-            ref = fault.rank if fault.kind != "hang" else (fault.rank + 1) % args.world
-            f["steps_from_onset"] = steps_between(records, ref, onset["onset_ns"], f["detected_ns"])
-    step_s = json.loads(stats.read_text())["step_s"] if stats.exists() else None
-    return {"findings": findings, "onset": onset, "returncode": result.returncode, "stopped": result.stopped,
-            "wall_s": result.wall_s, "step_s": step_s}
+        run(job_cmd(args.world, args.steps, "--stats", str(stats)), settings=settings, out_dir=workdir,
+            env=env, quiet=True, stdout=subprocess.DEVNULL, stderr=err, timeout_s=args.job_timeout)
+    return tensorwire_result(fault, args, workdir)
 
 
 MB_RE = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
@@ -127,23 +115,9 @@ def run_pytorch(fault: Fault | None, args, workdir: Path) -> dict:
         time.sleep(1.0)
         stop_group(proc, 2.0)
     lines += [(time.time_ns(), line.rstrip()) for line in proc.stderr.read().splitlines()]
-    (workdir / "pytorch_stderr.txt").write_text("\n".join(text for _, text in lines))
-    onset = fault_line("\n".join(text for _, text in lines))
-    found = []
-    for t, text in lines:
-        m = MB_RE.search(text)
-        if m:
-            ranks = tuple(sorted(int(x) for x in m.group(1).replace(",", " ").split()))
-            found.append({"kind": "hang", "ranks": list(ranks), "by": "monitored_barrier", "detected_ns": t,
-                          "evidence": text[:300]})
-            break
-    fr = analyze_fr(dumps, args.world)
-    if fr is not None:
-        found.append(fr)
-    for f in found:
-        if onset is not None:
-            f["seconds_from_onset"] = (f["detected_ns"] - onset["onset_ns"]) / 1e9
-    return {"findings": found, "onset": onset, "returncode": proc.returncode, "wall_s": (time.time_ns() - t0) / 1e9}
+    (workdir / "pytorch_stderr.txt").write_text("".join(f"{t}\t{text}\n" for t, text in lines))
+    return {**pytorch_result(fault, args, workdir), "returncode": proc.returncode,
+            "wall_s": (time.time_ns() - t0) / 1e9}
 
 
 CULPRIT = re.compile(r"Culprit rank (\d+); Error type: (\w+)")
@@ -171,13 +145,12 @@ def analyze_fr(dumps: Path, world: int) -> dict | None:
     files = sorted(dumps.glob("rank_*")) if dumps.exists() else []
     if not files:
         return None
-    t = time.time_ns()
     fixed = repair_dumps(dumps, files)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace", str(fixed), "-p",
                           "rank_", "--allow-incomplete-ranks", "-v"], capture_output=True, text=True, timeout=120)
     text = out.stdout + out.stderr
     culprit, missing = CULPRIT.search(text), MISSING.search(text)
-    found = {"by": "flight_recorder", "detected_ns": t, "dumps": len(files), "evidence": text[-600:]}
+    found = {"by": "flight_recorder", "dumps": len(files), "evidence": text[-600:]}
     if culprit and culprit.group(2).endswith("MISMATCH") and culprit.group(2) != "COLLECTIVE_STATE_MISMATCH":
         return {**found, "kind": "desync", "ranks": [int(culprit.group(1))]}
     if missing:
@@ -187,7 +160,7 @@ def analyze_fr(dumps: Path, world: int) -> dict | None:
     return {**found, "kind": None, "ranks": []}
 
 
-def rescore_tensorwire(fault: Fault | None, args, workdir: Path) -> dict:
+def tensorwire_result(fault: Fault | None, args, workdir: Path) -> dict:
     """A finished scenario's result from its folder (report, records, the injector's line)."""
     from tensorwire.diagnose.records import read_records
 
@@ -205,23 +178,33 @@ def rescore_tensorwire(fault: Fault | None, args, workdir: Path) -> dict:
             "wall_s": report["wall_s"], "step_s": json.loads(stats.read_text())["step_s"] if stats.exists() else None}
 
 
-def rescore_pytorch(fault: Fault | None, args, workdir: Path) -> dict:
-    """The baseline's verdict from its folder; its detection time is when the dumps were written
-    (the stderr lines were saved without their arrival times)."""
-    text = (workdir / "pytorch_stderr.txt").read_text(errors="replace")
-    onset = fault_line(text)
+STAMPED = re.compile(r"^(\d+)\t(.*)$")
+
+
+def pytorch_result(fault: Fault | None, args, workdir: Path) -> dict:
+    """What PyTorch's tools named, from the scenario's folder: the monitored barrier's line (at its
+    arrival time) and the Flight Recorder analyzer's verdict (at the time the dumps were written).
+    Folders of the first benchmark run hold stderr lines without times; their barrier lines are
+    dated by the dumps too."""
     dumps = workdir / "fr"
     files = sorted(dumps.glob("rank_*")) if dumps.exists() else []
-    when = max((f.stat().st_mtime_ns for f in files), default=None)
+    dumped = max((f.stat().st_mtime_ns for f in files), default=None)
+    lines = []
+    for line in (workdir / "pytorch_stderr.txt").read_text(errors="replace").splitlines():
+        m = STAMPED.match(line)
+        lines.append((int(m.group(1)), m.group(2)) if m else (dumped, line))
+    onset = fault_line("\n".join(text for _, text in lines))
     found = []
-    m = MB_RE.search(text)
-    if m:
-        ranks = sorted(int(x) for x in m.group(1).replace(",", " ").split())
-        found.append({"kind": "hang", "ranks": ranks, "by": "monitored_barrier", "detected_ns": when,
-                      "evidence": m.group(0)})
+    for t, text in lines:
+        m = MB_RE.search(text)
+        if m:
+            ranks = sorted(int(x) for x in m.group(1).replace(",", " ").split())
+            found.append({"kind": "hang", "ranks": ranks, "by": "monitored_barrier", "detected_ns": t,
+                          "evidence": text[:300]})
+            break
     fr = analyze_fr(dumps, args.world)
     if fr is not None:
-        fr["detected_ns"] = when
+        fr["detected_ns"] = dumped
         found.append(fr)
     for f in found:
         if onset is not None and f["detected_ns"] is not None:
@@ -318,10 +301,10 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
         row = {"i": i, "fault": None if fault is None else asdict(fault)}
-        res = rescore_tensorwire(fault, args, workdir) if args.rescore else run_tensorwire(fault, args, workdir)
+        res = tensorwire_result(fault, args, workdir) if args.rescore else run_tensorwire(fault, args, workdir)
         row["tensorwire_raw"], row["tensorwire"] = res, score(fault, res)
         if not args.no_baseline:
-            base = rescore_pytorch(fault, args, workdir) if args.rescore else run_pytorch(fault, args, workdir)
+            base = pytorch_result(fault, args, workdir) if args.rescore else run_pytorch(fault, args, workdir)
             row["pytorch_raw"], row["pytorch"] = base, score(fault, base)
         rows.append(row)
         tw = row["tensorwire"]
